@@ -1,0 +1,168 @@
+"""The model against independent implementations: transformers' Qwen3, a naive attention, itself uncached."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import random_model, tiny_config
+from nanomind.checkpoint import save_checkpoint
+from nanomind.model import KVCache, NanoMind, PRESETS, apply_rotary, preset_config
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_logits_and_greedy_tokens_match_transformers(tmp_path, moe):
+    # top-2 for MoE so the renormalised routing weights are not trivially 1.
+    model = random_model(tiny_config(moe=moe, num_experts_per_tok=2 if moe else 1))
+    save_checkpoint(model, tmp_path / "ckpt")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    assert type(reference).__name__ == ("Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM")
+
+    ids = torch.randint(3, model.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, reference(ids).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+    from nanomind.generation import SamplingParams, decode_tokens
+    prompt = ids[0, :7]
+    with torch.no_grad():
+        expected = reference.generate(prompt[None], max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0, min_new_tokens=12)[0, 7:].tolist()
+    got = [t[0] for t in decode_tokens(model, [prompt.tolist()], SamplingParams(max_new_tokens=12))]
+    assert got == expected
+
+
+def test_yarn_matches_transformers_beyond_the_original_length(tmp_path):
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+            "beta_fast": 32, "beta_slow": 1, "attention_factor": 1.0}
+    model = random_model(tiny_config(rope_scaling=yarn))
+    save_checkpoint(model, tmp_path / "ckpt")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    ids = torch.randint(3, 320, (1, 40))
+    with torch.no_grad():
+        assert (model(ids).logits - reference(ids).logits).abs().max().item() < 1e-4
+
+
+def test_yarn_changes_nothing_below_the_original_length():
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    plain, scaled = random_model(tiny_config()), random_model(tiny_config(rope_scaling=yarn))
+    short, long = torch.randint(3, 320, (2, 32)), torch.randint(3, 320, (2, 48))
+    with torch.no_grad():
+        assert torch.equal(plain(short).logits, scaled(short).logits)
+        assert not torch.allclose(plain(long).logits, scaled(long).logits)
+
+
+def naive_attention(q, k, v, mask):
+    """Textbook attention with K/V heads repeated explicitly: the reference for the fused path."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+def test_fused_attention_matches_naive_attention():
+    model = random_model(tiny_config())
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 9, 64)
+    positions = torch.arange(9).expand(2, 9)
+    cos, sin = model.rotary(positions, 9)
+    with torch.no_grad():
+        fused = attn(x, cos, sin, None, None, 0)
+        q = attn.q_norm(attn.q_proj(x).view(2, 9, 4, 16)).transpose(1, 2)
+        k = attn.k_norm(attn.k_proj(x).view(2, 9, 2, 16)).transpose(1, 2)
+        v = attn.v_proj(x).view(2, 9, 2, 16).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        causal = torch.ones(9, 9, dtype=torch.bool).tril()
+        expected = attn.o_proj(naive_attention(q, k, v, causal).transpose(1, 2).reshape(2, 9, 64))
+    assert (fused - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_cached_decoding_equals_full_forward(moe):
+    model = random_model(tiny_config(moe=moe))
+    ids = torch.randint(3, 320, (2, 20))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = KVCache(model.config, 2, 20, "cpu", torch.float32)
+        pieces = [model(ids[:, :8], cache=cache).logits]  # prefill
+        pieces.append(model(ids[:, 8:12], cache=cache).logits)  # a chunk on top of a cache
+        pieces += [model(ids[:, t:t + 1], cache=cache).logits for t in range(12, 20)]  # token by token
+    assert (torch.cat(pieces, dim=1) - full).abs().max().item() < 1e-5
+
+
+def test_last_logits_only_is_the_last_row_of_the_full_forward(dense_model):
+    ids = torch.randint(3, 320, (3, 11))
+    with torch.no_grad():
+        assert torch.allclose(dense_model(ids, last_logits_only=True).logits, dense_model(ids).logits[:, -1:],
+                              atol=1e-6)
+
+
+def test_left_padded_rows_equal_unpadded_rows(dense_model):
+    short, long = torch.randint(3, 320, (1, 5)), torch.randint(3, 320, (1, 12))
+    batch = torch.cat([torch.cat([torch.zeros(1, 7, dtype=torch.long), short], 1), long])
+    mask = torch.cat([torch.cat([torch.zeros(1, 7), torch.ones(1, 5)], 1), torch.ones(1, 12)]).long()
+    with torch.no_grad():
+        batched = dense_model(batch, attention_mask=mask).logits
+        assert not batched.isnan().any()
+        assert (batched[0, 7:] - dense_model(short).logits[0]).abs().max().item() < 1e-5
+        assert (batched[1] - dense_model(long).logits[0]).abs().max().item() < 1e-5
+
+
+def test_loss_is_next_token_cross_entropy_ignoring_minus_100(dense_model):
+    ids = torch.randint(3, 320, (2, 10))
+    targets = torch.randint(3, 320, (2, 10))
+    targets[0, :4] = -100
+    out = dense_model(ids, targets=targets)
+    keep = targets != -100
+    expected = F.cross_entropy(out.logits[keep], targets[keep])
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+    assert out.aux_loss is None
+
+
+def test_router_learns_from_the_language_model_loss_with_top1_routing():
+    model = random_model(tiny_config(moe=True, num_experts_per_tok=1, router_aux_loss_coef=0.0)).train()
+    ids = torch.randint(3, 320, (2, 16))
+    out = model(ids, targets=torch.roll(ids, -1, 1))
+    out.loss.backward()  # the LM loss alone: aux coefficient 0
+    for block in model.model.layers:
+        assert block.mlp.gate.weight.grad.abs().sum() > 0
+    assert out.aux_loss is not None and out.aux_loss.item() >= 1.0 - 1e-6  # >= 1, equal only when balanced
+
+
+def test_moe_runs_each_expert_on_its_routed_tokens_only():
+    model = random_model(tiny_config(moe=True, num_experts_per_tok=2))
+    moe = model.model.layers[0].mlp
+    seen_rows = []
+    hooks = [e.register_forward_hook(lambda m, i, o: seen_rows.append(i[0].shape[0])) for e in moe.experts]
+    x = torch.randn(1, 10, 64)
+    with torch.no_grad():
+        out, _ = moe(x)
+        # Reference: every expert densely on every token, combined with the renormalised top-2 weights.
+        probs = moe.gate(x[0]).softmax(-1)
+        w, idx = probs.topk(2, -1)
+        w = w / w.sum(-1, keepdim=True)
+        dense = torch.stack([e(x[0]) for e in moe.experts], 1)  # (N, E, C)
+        expected = (dense.gather(1, idx[..., None].expand(-1, -1, 64)) * w[..., None]).sum(1)
+    for h in hooks:
+        h.remove()
+    assert sum(seen_rows[:4]) == 10 * 2  # 20 (token, expert) assignments, no dense compute
+    assert (out[0] - expected).abs().max().item() < 1e-5
+
+
+def test_presets_have_the_documented_sizes():
+    counts = {name: NanoMind(preset_config(name), verbose=False).num_parameters() for name in ("small", "base")}
+    assert 25e6 < counts["small"] < 27e6
+    assert counts["base"] == 63_912_192  # MiniMind-3's logged "63.91M"
+    moe = preset_config("base-moe")
+    assert moe.num_experts == 4 and moe.num_experts_per_tok == 1
+    assert set(PRESETS) >= {"tiny", "small", "base", "base-moe"}
+    assert preset_config("base", num_hidden_layers=2).num_hidden_layers == 2
+
+
+def test_parameter_count_is_printed_on_creation(capsys):
+    NanoMind(tiny_config(moe=True))
+    printed = capsys.readouterr().out
+    assert "M parameters" in printed and "active" in printed
