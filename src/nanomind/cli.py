@@ -1,0 +1,205 @@
+"""The `nanomind` command. Each subcommand's --help is its documentation.
+
+  nanomind demo                     train a tokenizer and a tiny model on built-in text, then sample
+  nanomind tokenizer train ...      train a byte-level BPE tokenizer with MiniMind's special tokens
+  nanomind generate ...             continue a prompt (or chat turn) with a checkpoint
+  nanomind convert SRC --out DIR    import a Hugging Face Qwen3 / Qwen3-MoE folder or a MiniMind .pth
+  nanomind presets                  list the model presets and their sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
+                        help="torch device, e.g. cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="weights dtype (default: as saved in the checkpoint)")
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
+    """Model size: a preset from model.PRESETS, with any field overridden by a flag."""
+    from .model import PRESETS
+    group = parser.add_argument_group("model size (a preset, each field overridable)")
+    group.add_argument("--preset", choices=list(PRESETS), default=default_preset,
+                       help=f"starting configuration (default: {default_preset}); see `nanomind presets`")
+    group.add_argument("--hidden-size", type=int, help="width of the residual stream")
+    group.add_argument("--num-layers", type=int, dest="num_hidden_layers", help="number of transformer blocks")
+    group.add_argument("--num-heads", type=int, dest="num_attention_heads", help="query heads per block")
+    group.add_argument("--num-kv-heads", type=int, dest="num_key_value_heads",
+                       help="key/value heads (grouped-query attention; divides --num-heads)")
+    group.add_argument("--head-dim", type=int, help="size of each attention head")
+    group.add_argument("--intermediate-size", type=int, help="SwiGLU MLP width")
+    group.add_argument("--num-experts", type=int, help="experts per MoE layer (0 = dense MLP)")
+    group.add_argument("--experts-per-token", type=int, dest="num_experts_per_tok",
+                       help="experts each token is routed to (top-k)")
+    group.add_argument("--max-seq-len", type=int, dest="max_position_embeddings",
+                       help="longest context the model supports")
+
+
+def model_overrides(args: argparse.Namespace) -> dict:
+    """The model-size flags the user set, to apply on top of --preset."""
+    fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "intermediate_size", "num_experts", "num_experts_per_tok", "max_position_embeddings")
+    return {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+
+
+def _torch_dtype(name: str | None):
+    import torch
+    return getattr(torch, name) if name else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+    run_demo(args.out, seconds=args.seconds, vocab_size=args.vocab_size, seed=args.seed,
+             preset=args.preset, model_overrides=model_overrides(args))
+
+
+def cmd_tokenizer_train(args):
+    from .tokenizer import train_tokenizer
+    start = time.perf_counter()
+    tokenizer = train_tokenizer(args.data, vocab_size=args.vocab_size, out_dir=args.out, max_lines=args.max_lines)
+    print(f"trained a {tokenizer.vocab_size}-token tokenizer in {time.perf_counter() - start:.1f}s -> {args.out}")
+
+
+def cmd_generate(args):
+    from .checkpoint import load_model
+    from .generation import SamplingParams, stream
+    from .tokenizer import Tokenizer
+
+    model = load_model(args.model, device=args.device, dtype=_torch_dtype(args.dtype))
+    tokenizer = Tokenizer.load(args.tokenizer or args.model)
+    prompt = args.prompt
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": prompt})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, open_thinking=args.think)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                            stop=args.stop or ())
+    text = stream(model, tokenizer, prompt, params)
+    start = time.perf_counter()
+    if not args.chat:
+        print(prompt, end="", flush=True)
+    for piece in text:
+        print(piece, end="", flush=True)
+    elapsed = time.perf_counter() - start
+    n = len(text.completion.token_ids)
+    print(f"\n[{n} tokens in {elapsed:.2f}s, {n / max(elapsed, 1e-9):.1f} tokens/s, "
+          f"finish: {text.completion.finish_reason}]", file=sys.stderr)
+
+
+def cmd_convert(args):
+    from .checkpoint import convert
+    kind, model = convert(args.src, args.out, tokenizer_dir=args.tokenizer, dtype=_torch_dtype(args.dtype))
+    print(f"source: {kind}; {model.num_parameters() / 1e6:.2f}M parameters -> {args.out}")
+
+
+def cmd_presets(args):
+    from .model import NanoMind, PRESETS, preset_config
+    print(f"{'preset':10} {'params':>10} {'active':>10}  hidden layers heads kv head_dim mlp experts")
+    for name in PRESETS:
+        c = preset_config(name)
+        model = NanoMind(c, verbose=False)
+        print(f"{name:10} {model.num_parameters() / 1e6:9.2f}M {model.num_parameters(True) / 1e6:9.2f}M  "
+              f"{c.hidden_size:6} {c.num_hidden_layers:6} {c.num_attention_heads:5} {c.num_key_value_heads:2} "
+              f"{c.head_dim:8} {c.intermediate_size:4} {c.num_experts or '-':>7}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument parsing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanomind", description="Train a small chat language model from scratch, and use it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, func, help_text, description=None):
+        p = sub.add_parser(name, help=help_text, description=description or help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("demo", cmd_demo, "train a tokenizer and a tiny model on built-in text, then sample from it",
+                "The main job: offline, on CPU, in about a minute. Writes data, tokenizer and a checkpoint "
+                "(loadable by transformers) under --out.")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
+    p.add_argument("--seconds", type=float, default=60.0, help="pretraining wall-clock budget")
+    p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary size")
+    p.add_argument("--seed", type=int, default=0, help="random seed for data and initialisation")
+    add_model_args(p)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
+    p = tok.add_parser("train", help="train a byte-level BPE tokenizer",
+                       description="Train a byte-level BPE tokenizer with MiniMind's 36 special tokens (ids 0-35) "
+                                   "and the chat template. Reads JSONL (`text`, or `conversations` contents) or "
+                                   "plain text, streaming. Writes tokenizer.json, tokenizer_config.json and "
+                                   "chat_template.jinja, loadable by transformers.AutoTokenizer.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.set_defaults(func=cmd_tokenizer_train)
+    p.add_argument("--data", nargs="+", required=True, help="JSONL or .txt files")
+    p.add_argument("--vocab-size", type=int, default=6400, help="vocabulary size, special tokens included")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--max-lines", type=int, default=None, help="read at most this many lines per file")
+
+    p = command("generate", cmd_generate, "continue a prompt with a checkpoint",
+                "Stream a continuation of --prompt (or, with --chat, an assistant reply to it) and report tokens/s.")
+    p.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: --model)")
+    p.add_argument("--prompt", required=True, help="text to continue, or the user message with --chat")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
+    p.add_argument("--system", default=None, help="system prompt (with --chat)")
+    p.add_argument("--think", action="store_true", help="let the model write its reasoning first (with --chat)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling probability mass")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    add_device_args(p)
+
+    p = command("convert", cmd_convert, "import a Hugging Face Qwen3/Qwen3-MoE folder or a MiniMind .pth",
+                "Detects the source kind and writes a nanomind checkpoint (also a native transformers Qwen3 "
+                "folder). Loading is strict: mismatched tensors are an error.")
+    p.add_argument("src", type=Path, help="Hugging Face model directory, or MiniMind .pth state dict")
+    p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer directory (required for a .pth; default for a folder: the folder itself)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="save weights in this dtype (default: as in the source)")
+
+    command("presets", cmd_presets, "list the model presets and their parameter counts")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (ValueError, FileNotFoundError) as e:
+        # Errors about the user's input: the message says what and where; a traceback would not help.
+        print(f"nanomind {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The `nanomind` command as a user runs it: real processes, real files."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanomind.cli import build_parser
+
+transformers = pytest.importorskip("transformers")
+
+
+def run(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "nanomind.cli", *map(str, args)],
+                            capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_every_command_documents_every_flag():
+    parser = build_parser()
+    commands = [["demo"], ["tokenizer", "train"], ["generate"], ["convert"], ["presets"]]
+    for command in commands:
+        sub = parser
+        for word in command:
+            sub = next(a for a in sub._actions if a.dest in ("command", "action")).choices[word]
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help, f"nanomind {' '.join(command)}: {action.option_strings} has no help"
+    assert "generate" in run("--help").stdout
+
+
+def test_the_main_job_trains_saves_and_samples(tmp_path):
+    """The README's first command, shortened: the demo leaves a checkpoint transformers loads."""
+    result = run("demo", "--out", tmp_path / "demo", "--seconds", 8)
+    assert "[4/4] sampling" in result.stdout and "M parameters" in result.stdout
+    checkpoint = tmp_path / "demo" / "model"
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    ids = tokenizer("3 plus 4 equals", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert model(ids).logits.shape == (1, ids.shape[1], tokenizer.vocab_size)
+
+    generated = run("generate", "--model", checkpoint, "--prompt", "The colour of", "--max-new-tokens", 8)
+    assert generated.stdout.startswith("The colour of")
+    assert "tokens/s" in generated.stderr
+    chat = run("generate", "--model", checkpoint, "--prompt", "hi", "--chat", "--think", "--max-new-tokens", 4,
+               "--temperature", 0.8, "--top-p", 0.9, "--seed", 1)
+    assert "tokens/s" in chat.stderr
+
+
+def test_tokenizer_train_and_bad_input_errors(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "hello world 你好"}\n' * 50 + '{"txt": "wrong key"}\n', encoding="utf-8")
+    result = run("tokenizer", "train", "--data", data, "--vocab-size", 300, "--out", tmp_path / "tok", check=False)
+    assert result.returncode == 2
+    assert f"{data}:51" in result.stderr and "Traceback" not in result.stderr
+
+    data.write_text('{"text": "hello world 你好"}\n' * 50, encoding="utf-8")
+    run("tokenizer", "train", "--data", data, "--vocab-size", 300, "--out", tmp_path / "tok")
+    assert (tmp_path / "tok" / "tokenizer.json").exists()
+
+    missing = run("generate", "--model", tmp_path / "nope", "--prompt", "x", check=False)
+    assert missing.returncode == 2 and "no config.json" in missing.stderr
+
+
+def test_presets_lists_the_sizes():
+    out = run("presets").stdout
+    assert "base-moe" in out and "63.91M" in out and "198.42M" in out
