@@ -162,10 +162,9 @@ def test_chat_template_renders_expected_text(tok):
     tools = '[{"name": "calculate", "parameters": {"type": "object"}}]'
     expected = (
         "<|im_start|>system\nBe brief.\n\n# Tools\n\n"
-        "You can call functions to help with the request. "
-        "Their signatures follow, one JSON object per line, between <tools> and </tools>:\n"
+        "You may call the functions below. Their JSON signatures, one per line:\n"
         '<tools>\n{"name": "calculate", "parameters": {"type": "object"}}\n</tools>\n\n'
-        "To call a function, answer with its name and arguments as JSON between <tool_call> and </tool_call>:\n"
+        "To call one, answer with its name and arguments inside <tool_call></tool_call>:\n"
         '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
         "<|im_start|>user\n256 * 37?<|im_end|>\n"
         "<|im_start|>assistant\n<think>\nUse the calculator.\n</think>\n\n"
