@@ -21,7 +21,7 @@ def run(*args, check=True):
 
 def test_every_command_documents_every_flag():
     parser = build_parser()
-    commands = [["demo"], ["tokenizer", "train"], ["generate"], ["convert"], ["presets"]]
+    commands = [["demo"], ["tokenizer", "train"], ["generate"], ["convert"], ["presets"], ["data", "synth"]]
     for command in commands:
         sub = parser
         for word in command:

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
@@ -124,9 +125,12 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
 # Saving
 
 
-def save_checkpoint(model: NanoMind, out_dir: str | Path, tokenizer=None,
-                    dtype: torch.dtype | None = None, extra_files: dict[str, str] | None = None) -> Path:
-    """Write a transformers-loadable checkpoint directory atomically (temp dir, then rename)."""
+def save_checkpoint(model: NanoMind, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | None = None,
+                    write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write a transformers-loadable checkpoint directory atomically (temp dir, then rename).
+
+    `write_extra(folder)` may add files (e.g. a trainer's resume state) before the rename, so they
+    appear together with the weights or not at all."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     dtype = dtype or next(model.parameters()).dtype
@@ -145,8 +149,8 @@ def save_checkpoint(model: NanoMind, out_dir: str | Path, tokenizer=None,
         })
         if tokenizer is not None:
             tokenizer.save(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
+        if write_extra is not None:
+            write_extra(tmp)
         _replace_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

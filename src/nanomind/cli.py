@@ -5,6 +5,8 @@
   nanomind generate ...             continue a prompt (or chat turn) with a checkpoint
   nanomind convert SRC --out DIR    import a Hugging Face Qwen3 / Qwen3-MoE folder or a MiniMind .pth
   nanomind presets                  list the model presets and their sizes
+  nanomind data synth --out DIR     write the built-in bilingual curriculum (every stage, with eval sets)
+  nanomind serve --model DIR        OpenAI-compatible API and web chat page (continuous batching)
 """
 
 from __future__ import annotations
@@ -52,6 +54,50 @@ def model_overrides(args: argparse.Namespace) -> dict:
     fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
               "intermediate_size", "num_experts", "num_experts_per_tok", "max_position_embeddings")
     return {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+
+
+def add_training_args(parser: argparse.ArgumentParser, default_lr: float) -> None:
+    """The options every training stage shares (the loop is shared, so are its flags)."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", nargs="+", required=True,
+                   help="a folder made by `nanomind prepare`, or raw JSONL files (prepared into OUT/prepared)")
+    g.add_argument("--seq-len", type=int, default=512, help="tokens per training row (raw JSONL only)")
+    g.add_argument("--val-fraction", type=float, default=0.01, help="held-out share (raw JSONL only)")
+    g.add_argument("--workers", type=int, default=1, help="tokenizing processes (raw JSONL only)")
+    g.add_argument("--skip-bad", action="store_true", help="skip bad lines and report them, instead of stopping")
+    g = parser.add_argument_group("starting point")
+    g.add_argument("--init-from", type=Path, default=None, help="start from this checkpoint (with its tokenizer)")
+    g.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (when not using --init-from)")
+    add_model_args(parser)
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=16, help="rows per micro-batch per process")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=default_lr, help="peak learning rate")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a share of --lr")
+    g.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps")
+    g.add_argument("--schedule", choices=["cosine", "wsd", "constant"], default="cosine",
+                   help="after warm-up: cosine decay, warmup-stable-decay, or constant")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1)")
+    g.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
+    g.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    g = parser.add_argument_group("run")
+    g.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, final model, metrics")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep")
+    g.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps")
+    g.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
+    g.add_argument("--sample-every", type=int, default=0, help="print greedy samples every N steps (0 = off)")
+    g.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
+                   help="cpu, cuda, mps (with torchrun each process takes cuda:LOCAL_RANK)")
+    g.add_argument("--config", type=Path, default=None,
+                   help="YAML file of options (keys are flag names, - or _); flags on the command line win")
 
 
 def _torch_dtype(name: str | None):
@@ -109,6 +155,33 @@ def cmd_convert(args):
     print(f"source: {kind}; {model.num_parameters() / 1e6:.2f}M parameters -> {args.out}")
 
 
+def cmd_data_synth(args):
+    from .synth import synthesize
+    start = time.perf_counter()
+    manifest = synthesize(args.out, size=args.size, seed=args.seed)
+    for name, entry in manifest["files"].items():
+        print(f"{name:24} {entry['lines']:8} lines")
+    print(f"wrote the {args.size} curriculum (seed {args.seed}) in {time.perf_counter() - start:.1f}s -> {args.out}")
+
+
+def cmd_prepare(args):
+    from .prepare import PrepareOptions, prepare
+    prepare(args.data, args.tokenizer, args.out, PrepareOptions(
+        kind=args.kind, seq_len=args.seq_len, val_fraction=args.val_fraction, seed=args.seed,
+        system_prompt_ratio=args.system_prompt_ratio, empty_think_removal_ratio=args.empty_think_removal_ratio,
+        skip_bad=args.skip_bad), workers=args.workers)
+
+
+def cmd_pretrain(args):
+    from .pretrain import main as pretrain
+    pretrain(args)
+
+
+def cmd_sft(args):
+    from .sft import main as sft
+    sft(args)
+
+
 def cmd_presets(args):
     from .model import NanoMind, PRESETS, preset_config
     print(f"{'preset':10} {'params':>10} {'active':>10}  hidden layers heads kv head_dim mlp experts")
@@ -118,6 +191,15 @@ def cmd_presets(args):
         print(f"{name:10} {model.num_parameters() / 1e6:9.2f}M {model.num_parameters(True) / 1e6:9.2f}M  "
               f"{c.hidden_size:6} {c.num_hidden_layers:6} {c.num_attention_heads:5} {c.num_key_value_heads:2} "
               f"{c.head_dim:8} {c.intermediate_size:4} {c.num_experts or '-':>7}")
+
+
+def cmd_serve(args):
+    import os
+    from .serving.server import serve
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("NANOMIND_API_KEY"),
+          model_name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
+          default_max_tokens=args.max_tokens, device=args.device, dtype=_torch_dtype(args.dtype),
+          tokenizer_dir=args.tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,11 +267,105 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="save weights in this dtype (default: as in the source)")
 
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
+    p = data.add_parser("synth", help="write the built-in bilingual curriculum for every training stage",
+                        description="Write a deterministic Chinese/English curriculum in MiniMind's JSONL formats: "
+                                    "pretrain, sft, dpo, rl, agent_rl and lora_domain files, a held-out eval_* file "
+                                    "for each, and manifest.json (line counts, sha256). The same seed gives "
+                                    "byte-identical files.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.set_defaults(func=cmd_data_synth)
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--size", choices=["tiny", "small", "medium"], default="small",
+                   help="tiny: ~2.5K lines for tests; small: the CPU demo; medium: ~10x small")
+    p.add_argument("--seed", type=int, default=0, help="seed for the invented world and every file")
+
+    p = command("prepare", cmd_prepare, "tokenize JSONL once into memory-mapped training rows",
+                "Validate and tokenize MiniMind-format JSONL (pretrain, sft, dpo, rl, agent) into a folder of "
+                "memory-mapped token arrays with a manifest. Pretraining documents are packed without padding; "
+                "SFT conversations are packed several per row with an assistant-only loss mask.")
+    p.add_argument("--kind", choices=["pretrain", "sft", "dpo", "rl", "agent"], required=True, help="data format")
+    p.add_argument("--data", nargs="+", required=True, help="JSONL files")
+    p.add_argument("--tokenizer", type=Path, required=True, help="tokenizer folder (or a checkpoint)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per training row")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of lines held out for validation")
+    p.add_argument("--seed", type=int, default=0, help="seed for the split and the augmentations")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad lines and report them, instead of stopping")
+    p.add_argument("--system-prompt-ratio", type=float, default=0.0,
+                   help="sft: share of samples given a random system prompt")
+    p.add_argument("--empty-think-removal-ratio", type=float, default=0.0,
+                   help="sft: share of samples whose empty <think></think> blocks are removed")
+
+    p = command("pretrain", cmd_pretrain, "pretrain a model on text (next-token prediction, packed rows)",
+                "Pretrain from scratch (a --preset) or continue a checkpoint (--init-from). Works under "
+                "`torchrun --nproc_per_node N -m nanomind pretrain ...` unchanged.")
+    add_training_args(p, default_lr=1e-3)
+    p = command("sft", cmd_sft, "supervised fine-tuning on conversations (loss on assistant turns only)",
+                "Fine-tune a checkpoint (--init-from) on MiniMind-format conversations, with reasoning and "
+                "tool calls. Works under torchrun unchanged.")
+    add_training_args(p, default_lr=5e-4)
+
     command("presets", cmd_presets, "list the model presets and their parameter counts")
+
+    p = command("serve", cmd_serve, "serve a checkpoint over an OpenAI-compatible HTTP API, with a web chat page",
+                "FastAPI server: POST /v1/chat/completions and /v1/completions (streamed or not), GET /v1/models, "
+                "GET /health, and a chat page at /. One engine thread decodes all requests together "
+                "(continuous batching).")
+    p.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: --model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
+    p.add_argument("--port", type=int, default=8998, help="TCP port")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $NANOMIND_API_KEY, else no key)")
+    p.add_argument("--model-name", default=None, help="model id clients send (default: the checkpoint folder name)")
+    p.add_argument("--max-batch", type=int, default=16, help="most requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="most requests waiting for a batch slot; more are refused with 429")
+    p.add_argument("--max-tokens", type=int, default=1024,
+                   help="reply length limit when a request sets no max_tokens")
+    add_device_args(p)
     return parser
 
 
+def expand_config_file(argv: list[str]) -> list[str]:
+    """Replace `--config run.yaml` by the flags it holds, placed right after the command words so
+    that flags typed on the command line come later and win."""
+    if "--config" not in argv:
+        return argv
+    import yaml
+
+    at = argv.index("--config")
+    if at + 1 >= len(argv):
+        raise SystemExit("nanomind: error: --config needs a YAML file")
+    path = Path(argv[at + 1])
+    try:
+        options = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise SystemExit(f"nanomind: error: cannot read --config {path}: {e}")
+    if not isinstance(options, dict):
+        raise SystemExit(f"nanomind: error: {path} must hold a mapping of option names to values")
+    rest = argv[:at] + argv[at + 2:]
+    commands = 0
+    while commands < len(rest) and not rest[commands].startswith("-"):
+        commands += 1
+    flags = []
+    for key, value in options.items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, list):
+            flags += [flag, *map(str, value)]
+        else:
+            flags += [flag, str(value)]
+    return rest[:commands] + flags + rest[commands:]
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = expand_config_file(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

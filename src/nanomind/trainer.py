@@ -1,0 +1,547 @@
+"""The one training loop every stage shares.
+
+A stage (pretrain.py, sft.py, and later LoRA, DPO, distillation) supplies a `Stage`: how to build
+its batches and how to compute its loss. Everything else lives here once: devices and torchrun/DDP,
+precision, gradient accumulation with `no_sync`, the learning-rate schedule, clipping, validation,
+samples, metrics, atomic checkpoints and exact resume, and the NaN guard.
+
+Run layout (`--out DIR`):
+  DIR/checkpoints/step-000100/   a normal nanomind checkpoint + trainer_state.pt (resume state, fp32)
+  DIR/model/                     the final checkpoint
+  DIR/metrics.jsonl              one line per step (and per evaluation)
+  DIR/config.json                the resolved run configuration
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .checkpoint import load_model, save_checkpoint
+from .model import NanoMind
+
+
+class TrainingError(ValueError):
+    """A problem the user can act on (bad options, too little data, a diverged run): no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values
+
+
+def setup_distributed(device: str) -> tuple[Distributed, torch.device]:
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return Distributed(), torch.device(device)
+    run = Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(run.local_rank)
+        device = f"cuda:{run.local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return run, torch.device(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches: a deterministic, resumable order of rows, sharded over ranks
+
+
+class RowSampler:
+    """Epoch after epoch, a seeded permutation of the rows, cut into global micro-batches of
+    `batch_size * world_size` rows; rank r takes its slice. The position is two integers, so a
+    resumed run continues with exactly the rows the killed run would have seen."""
+
+    def __init__(self, num_rows: int, batch_size: int, run: Distributed, seed: int, shuffle: bool = True):
+        self.global_batch = batch_size * run.world_size
+        if num_rows < self.global_batch:
+            raise TrainingError(f"only {num_rows} training rows: fewer than one batch of {self.global_batch} "
+                                "(batch size x processes); use more data or a smaller --batch-size")
+        self.num_rows, self.batch_size, self.run, self.seed, self.shuffle = num_rows, batch_size, run, seed, shuffle
+        self.epoch, self.cursor = 0, 0
+        self._order = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_rows // self.global_batch
+
+    def _epoch_order(self) -> torch.Tensor:
+        if self._order is None:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+                self._order = torch.randperm(self.num_rows, generator=g)
+            else:
+                self._order = torch.arange(self.num_rows)
+        return self._order
+
+    def next_rows(self) -> torch.Tensor:
+        if self.cursor >= self.batches_per_epoch:
+            self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
+        start = self.cursor * self.global_batch + self.run.rank * self.batch_size
+        self.cursor += 1
+        return self._epoch_order()[start:start + self.batch_size]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor, self._order = state["epoch"], state["cursor"], None
+
+
+# ----------------------------------------------------------------------------------------------
+# What a stage provides
+
+
+@dataclass
+class Stage:
+    """One training stage: its data and its loss, on top of the shared loop."""
+
+    name: str
+    train_rows: object  # has __len__ and rows(indices) -> dict of (B, ...) tensors
+    val_rows: object | None
+    # loss_fn(model, batch) -> (sum of per-token losses, number of loss tokens, metrics dict)
+    loss_fn: object
+    sample_prompts: list[str] = field(default_factory=list)
+    chat_samples: bool = False
+
+
+def token_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Next-token cross-entropy summed over the trained tokens (+ the MoE balance loss)."""
+    out = model(batch["inputs"], targets=batch["targets"])
+    n_tokens = (batch["targets"] != -100).sum()
+    loss_sum = out.loss * n_tokens
+    metrics = {}
+    if out.aux_loss is not None:
+        unwrapped = model.module if isinstance(model, DistributedDataParallel) else model
+        loss_sum = loss_sum + unwrapped.config.router_aux_loss_coef * out.aux_loss * n_tokens
+        metrics["aux_loss"] = out.aux_loss.detach()
+    return loss_sum, n_tokens, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def build_optimizer(model: NanoMind, lr: float, weight_decay: float, betas=(0.9, 0.95), fused: bool = False):
+    """AdamW; matrices decay, norms and embeddings do not (decaying them only hurts)."""
+    decay, no_decay = [], []
+    embedding = model.model.embed_tokens.weight
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and p is not embedding else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+
+
+def learning_rate(step: int, total_steps: int, peak: float, warmup: int, schedule: str,
+                  min_ratio: float, decay_fraction: float = 0.2) -> float:
+    """Linear warm-up, then cosine to min_ratio*peak, or warm-up-stable-decay (flat, then a linear
+    decay over the last `decay_fraction` of the run)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
+    progress = (step - warmup) / max(total_steps - warmup, 1)
+    if schedule == "cosine":
+        return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    if schedule == "wsd":
+        decay_start = 1 - decay_fraction
+        if progress < decay_start:
+            return peak
+        return peak * (1 - (1 - min_ratio) * min((progress - decay_start) / decay_fraction, 1.0))
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class TrainSettings:
+    out: Path
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    max_steps: int | None = None
+    epochs: float | None = None
+    time_budget: float | None = None  # seconds
+    eval_every: int = 100
+    eval_batches: int = 8
+    sample_every: int = 0
+    save_every: int = 0
+    keep_last: int = 2
+    log_every: int = 1
+    seed: int = 0
+    compile: bool = False
+    resume: bool = False
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+
+
+def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run: Distributed,
+          device: torch.device, config_record: dict | None = None) -> dict:
+    """Train `model` on `stage`; returns the final metrics. Only rank 0 writes files."""
+    s = settings
+    out = Path(s.out)
+    torch.manual_seed(s.seed)
+    model.to(device)
+    sampler = RowSampler(len(stage.train_rows), s.batch_size, run, s.seed)
+    total_steps = _total_steps(s, sampler)
+    optimizer = build_optimizer(model, s.lr, s.weight_decay)
+    start_step, history = 0, []
+
+    checkpoint_dir = out / "checkpoints"
+    if s.resume:
+        latest = latest_checkpoint(checkpoint_dir)
+        if latest is None:
+            if run.is_main:
+                print(f"--resume: no checkpoint in {checkpoint_dir}, starting from scratch")
+        else:
+            start_step, history = _restore(latest, model, optimizer, sampler, run)
+            if run.is_main:
+                print(f"resumed from {latest} at step {start_step}")
+    if run.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if config_record is not None:
+            (out / "config.json").write_text(json.dumps(config_record, indent=2, default=str) + "\n")
+        _rewrite_metrics(out / "metrics.jsonl", history)
+
+    train_model = model
+    if run.enabled:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if s.compile:
+        train_model = torch.compile(train_model)
+    autocast = _autocast(device, s.precision)
+    flops_per_token = 6 * model.num_parameters(active_only=True)
+    progress = ProgressPrinter(total_steps, enabled=run.is_main)
+    started = time.perf_counter()
+    metrics = {}
+
+    for step in range(start_step, total_steps):
+        step_start = time.perf_counter()
+        lr = learning_rate(step, total_steps, s.lr, s.warmup_steps, s.schedule, s.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = [_to_device(stage.train_rows.rows(sampler.next_rows()), device) for _ in range(s.grad_accum)]
+        # Normalise by the trained tokens of the whole global step, so every token weighs the same
+        # whatever rank or micro-batch it landed in (DDP then averages gradients over ranks).
+        local_tokens = sum((b["targets"] != -100).sum() for b in batches).float()
+        global_tokens = run.all_reduce_sum(local_tokens.clone()).clamp(min=1)
+        loss_total = torch.zeros((), device=device)
+        extra: dict[str, torch.Tensor] = {}
+        train_model.train()
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1 or not run.enabled
+            with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast:
+                loss_sum, _, step_metrics = stage.loss_fn(train_model, batch)
+                (loss_sum * run.world_size / global_tokens).backward()
+            loss_total += loss_sum.detach().float()
+            for k, v in step_metrics.items():
+                extra[k] = extra.get(k, 0) + v.float() / len(batches)
+        loss = (run.all_reduce_sum(loss_total) / global_tokens).item()
+        if not math.isfinite(loss):
+            last = latest_checkpoint(checkpoint_dir)
+            raise TrainingError(f"the loss became {loss} at step {step + 1}; stopping without saving. "
+                                f"Last good checkpoint: {last or 'none'}. Try a lower --lr or check the data.")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip) if s.grad_clip else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        elapsed = time.perf_counter() - step_start
+        tokens = int(global_tokens.item())
+        metrics = {"step": step + 1, "loss": loss, "lr": lr, "tokens": tokens,
+                   "tokens_per_s": tokens / elapsed, "epoch": sampler.epoch,
+                   **{k: (run.all_reduce_sum(v.clone()) / run.world_size).item() for k, v in extra.items()}}
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        if device.type == "cuda":
+            metrics["mfu"] = flops_per_token * tokens / elapsed / (run.world_size * _peak_flops(device))
+        last_step = step + 1 == total_steps or _out_of_time(s, started, run, device)
+        if stage.val_rows is not None and s.eval_every and ((step + 1) % s.eval_every == 0 or last_step):
+            metrics["val_loss"] = evaluate(model, stage, s, run, device, autocast)
+        if run.is_main and s.sample_every and ((step + 1) % s.sample_every == 0 or last_step):
+            metrics["samples"] = _samples(model, tokenizer, stage)
+        history.append(metrics)
+        if run.is_main:
+            with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics, ensure_ascii=False) + "\n")
+            progress.update(metrics, step + 1 - start_step, time.perf_counter() - started)
+        if (s.save_every and (step + 1) % s.save_every == 0) or last_step:
+            _save_training_checkpoint(checkpoint_dir, step + 1, model, tokenizer, optimizer, sampler, history,
+                                      run, s.keep_last, config_record)
+        if last_step:
+            break
+    progress.close()
+    if run.is_main:
+        save_checkpoint(model, out / "model", tokenizer=tokenizer, dtype=torch.float32)
+        print(f"saved {out / 'model'}")
+    run.barrier()
+    return metrics
+
+
+def _total_steps(s: TrainSettings, sampler: RowSampler) -> int:
+    if s.max_steps:
+        return s.max_steps
+    epochs = s.epochs if s.epochs else (None if s.time_budget else 1)
+    if epochs is None:
+        return 10**12  # until the time budget runs out
+    return max(1, int(epochs * sampler.batches_per_epoch / s.grad_accum))
+
+
+def _out_of_time(s: TrainSettings, started: float, run: Distributed, device) -> bool:
+    """Whether the time budget is spent; ranks decide together, or one would wait for the others forever."""
+    if s.time_budget is None:
+        return False
+    late = torch.tensor(float(time.perf_counter() - started >= s.time_budget), device=device)
+    return run.all_reduce_sum(late).item() > 0
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _peak_flops(device) -> float:
+    """Dense bf16 peak of common GPUs, for the MFU estimate (H100/H200 SXM: 989 TFLOPS)."""
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("4090", 165e12),
+                       ("3090", 71e12), ("L4", 121e12), ("A10", 125e12), ("T4", 65e12)):
+        if key in name:
+            return flops
+    return 100e12
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, stage: Stage, s: TrainSettings, run: Distributed, device, autocast) -> float:
+    """Mean loss per trained token over the first `eval_batches` validation batches (all ranks)."""
+    model.eval()
+    n = len(stage.val_rows)
+    total, tokens = torch.zeros((), device=device), torch.zeros((), device=device)
+    order = torch.arange(n)
+    per_batch = s.batch_size * run.world_size
+    for b in range(min(s.eval_batches, math.ceil(n / per_batch))):
+        rows = order[b * per_batch + run.rank * s.batch_size: b * per_batch + (run.rank + 1) * s.batch_size]
+        if len(rows) == 0:
+            continue
+        with autocast:
+            loss_sum, n_tokens, _ = stage.loss_fn(model, _to_device(stage.val_rows.rows(rows), device))
+        total += loss_sum.float()
+        tokens += n_tokens
+    model.train()
+    return (run.all_reduce_sum(total) / run.all_reduce_sum(tokens).clamp(min=1)).item()
+
+
+def _samples(model, tokenizer, stage: Stage) -> list[str]:
+    from .generation import SamplingParams, generate
+    prompts = stage.sample_prompts
+    if stage.chat_samples:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+                   for p in prompts]
+    model.eval()
+    params = SamplingParams(max_new_tokens=24, eos_ids=[tokenizer.eos_id, tokenizer.pad_id])
+    completions = generate(model, tokenizer, prompts, params)
+    model.train()
+    return [f"{p!r} -> {c.text!r}" for p, c in zip(stage.sample_prompts, completions)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and resume
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest complete checkpoint (incomplete ones are hidden temp folders, never named step-N)."""
+    if not checkpoint_dir.is_dir():
+        return None
+    steps = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := STEP_DIR.match(p.name))]
+    return max(steps)[1] if steps else None
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _save_training_checkpoint(checkpoint_dir: Path, step: int, model, tokenizer, optimizer, sampler,
+                              history, run: Distributed, keep_last: int, config_record) -> None:
+    rng_states = [None] * run.world_size
+    if run.enabled:
+        dist.all_gather_object(rng_states, _rng_state())
+    else:
+        rng_states = [_rng_state()]
+    if run.is_main:
+        state = {"step": step, "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
+                 "rng": rng_states, "history": history, "config": config_record, "world_size": run.world_size}
+
+        def write_state(folder: Path) -> None:
+            torch.save(state, folder / "trainer_state.pt")
+
+        save_checkpoint(model, checkpoint_dir / f"step-{step:06d}", tokenizer=tokenizer, dtype=torch.float32,
+                        write_extra=write_state)
+        steps = sorted((int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := STEP_DIR.match(p.name)))
+        for _, old in steps[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    run.barrier()
+
+
+def _restore(folder: Path, model, optimizer, sampler, run: Distributed) -> tuple[int, list]:
+    state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False)
+    if state["world_size"] != run.world_size:
+        raise TrainingError(f"{folder} was written by {state['world_size']} process(es); resume it with the "
+                            f"same number (got {run.world_size}), so the data order stays the same")
+    restored = load_model(folder, device=next(model.parameters()).device, dtype=torch.float32)
+    model.load_state_dict(restored.state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    sampler.load_state_dict(state["sampler"])
+    rng = state["rng"][run.rank]
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state["step"], state["history"]
+
+
+def _rewrite_metrics(path: Path, history: list) -> None:
+    """On resume, drop lines a killed run logged after its last checkpoint."""
+    with open(path, "w", encoding="utf-8") as f:
+        for metrics in history:
+            f.write(json.dumps(metrics, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# What the user sees
+
+
+class ProgressPrinter:
+    """One status line per `interval` seconds: step, loss, lr, tokens/s, MFU (GPU), ETA."""
+
+    def __init__(self, total_steps: int, enabled: bool, interval: float = 2.0):
+        self.total, self.enabled, self.interval, self.last = total_steps, enabled, interval, -1e9
+        self.tty = sys.stdout.isatty()
+
+    def update(self, m: dict, steps_done: int, elapsed: float) -> None:
+        if not self.enabled:
+            return
+        evaluated = "val_loss" in m
+        if not evaluated and time.perf_counter() - self.last < self.interval and m["step"] != self.total:
+            return
+        self.last = time.perf_counter()
+        eta = ""
+        if self.total < 10**12:
+            eta = f" | eta {_duration(elapsed / steps_done * (self.total - m['step']))}"
+        line = (f"step {m['step']}/{self.total if self.total < 10**12 else '?'} | loss {m['loss']:.4f} | "
+                f"lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s"
+                + (f" | mfu {m['mfu']:.1%}" if "mfu" in m else "") + eta)
+        if evaluated:
+            line += f" | val_loss {m['val_loss']:.4f}"
+        print(("\r" + line.ljust(100)) if self.tty and not evaluated else line, end="" if self.tty and not evaluated
+              else "\n", flush=True)
+        for sample in m.get("samples", []):
+            print(f"  sample: {sample}")
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            print()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------
+# From command-line options to a running stage (shared by every stage command)
+
+
+def run_stage(args, kind: str, make_stage) -> dict:
+    """Set up devices, tokenizer, data (preparing raw JSONL on the fly), model and settings from the
+    shared options, build the stage with `make_stage(train_rows, val_rows)`, and train it."""
+    from .model import preset_config
+    from .prepare import PrepareOptions, load_manifest, open_rows, prepare
+    from .tokenizer import Tokenizer
+
+    run, device = setup_distributed(args.device)
+    source = args.init_from or args.tokenizer
+    if source is None:
+        raise TrainingError("pass --init-from CHECKPOINT (a model with its tokenizer) or --tokenizer DIR")
+    tokenizer = Tokenizer.load(args.tokenizer or args.init_from)
+    out = Path(args.out)
+
+    data_dir = Path(args.data[0])
+    if not (len(args.data) == 1 and data_dir.is_dir()):
+        # Raw JSONL: prepare into a cache inside the run folder (a no-op when it is already there).
+        data_dir = out / "prepared"
+        if run.is_main:
+            prepare(args.data, args.tokenizer or args.init_from, data_dir,
+                    PrepareOptions(kind=kind, seq_len=args.seq_len, val_fraction=args.val_fraction,
+                                   seed=args.seed, skip_bad=args.skip_bad), workers=args.workers)
+        run.barrier()
+    manifest = load_manifest(data_dir, tokenizer, kind)
+    train_rows = open_rows(data_dir, "train", manifest, tokenizer.pad_id)
+    val_rows = open_rows(data_dir, "val", manifest, tokenizer.pad_id)
+    if train_rows is None:
+        raise TrainingError(f"{data_dir}: no training rows")
+
+    if args.init_from:
+        model = load_model(args.init_from, dtype=torch.float32)
+    else:
+        from .cli import model_overrides
+        config = preset_config(args.preset, **{**model_overrides(args), "vocab_size": tokenizer.vocab_size})
+        torch.manual_seed(args.seed)
+        model = NanoMind(config, verbose=run.is_main)
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise TrainingError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
+                            f"tokenizer's ({tokenizer.vocab_size})")
+    settings = TrainSettings(**{f: getattr(args, f) for f in TrainSettings.__dataclass_fields__ if hasattr(args, f)})
+    record = {"stage": kind, "data": str(data_dir), **{k: v for k, v in vars(args).items() if k != "func"}}
+    try:
+        return train(make_stage(train_rows, val_rows), model, tokenizer, settings, run, device, record)
+    finally:
+        if run.enabled:
+            dist.destroy_process_group()

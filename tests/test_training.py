@@ -1,0 +1,155 @@
+"""The shared training loop: it learns, resumes exactly after SIGKILL, agrees across DDP ranks, and
+stops on NaN without touching the last good checkpoint."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nanomind.builtin_text import write_builtin_jsonl
+from nanomind.checkpoint import load_model
+from nanomind.prepare import PrepareOptions, TokenStore, open_rows, prepare
+from nanomind.tokenizer import Tokenizer, train_tokenizer
+from nanomind.trainer import (Distributed, Stage, TrainSettings, TrainingError, latest_checkpoint,
+                              learning_rate, token_loss, train)
+
+TINY = ["--preset", "tiny", "--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "128",
+        "--head-dim", "16"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train")
+    write_builtin_jsonl(folder / "text.jsonl", 2500)
+    train_tokenizer([folder / "text.jsonl"], vocab_size=400, out_dir=folder / "tok")
+    prepare([folder / "text.jsonl"], folder / "tok", folder / "data",
+            PrepareOptions(kind="pretrain", seq_len=64, val_fraction=0.05), verbose=False)
+    return folder
+
+
+def nanomind(*args, env=None):
+    return [sys.executable, "-m", "nanomind", *map(str, args)]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in open(run_dir / "metrics.jsonl")]
+
+
+def pretrain_args(prepared, out, *extra):
+    return ["pretrain", "--data", prepared / "data", "--tokenizer", prepared / "tok", *TINY,
+            "--batch-size", 8, "--lr", 3e-3, "--eval-every", 1000, "--out", out, *extra]
+
+
+def test_a_tiny_model_learns_below_the_unigram_entropy(prepared, tmp_path):
+    result = subprocess.run(nanomind(*pretrain_args(prepared, tmp_path / "run", "--max-steps", 60,
+                                                    "--eval-every", 60)),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    final = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")][-1]
+    manifest = json.loads((prepared / "data" / "manifest.json").read_text())
+    counts = Counter(np.asarray(TokenStore(prepared / "data", "train", manifest["dtype"]).tokens).tolist())
+    total = sum(counts.values())
+    unigram_entropy = -sum(c / total * math.log(c / total) for c in counts.values())
+    assert final["val_loss"] < 0.75 * unigram_entropy, (final["val_loss"], unigram_entropy)
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+def test_resume_after_sigkill_gives_the_same_losses_bitwise(prepared, tmp_path):
+    args = ("--max-steps", 12, "--save-every", 4, "--keep-last", 5)
+    reference = subprocess.run(nanomind(*pretrain_args(prepared, tmp_path / "ref", *args)),
+                               capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr
+
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen(nanomind(*pretrain_args(prepared, run_dir, *args)),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if latest_checkpoint(run_dir / "checkpoints") and len(losses(run_dir)) >= 6:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert len(losses(run_dir)) < 12, "the run finished before it could be killed"
+    # A checkpoint write that a kill interrupted leaves only a hidden temporary folder behind.
+    (run_dir / "checkpoints" / ".step-000999.tmp-crash").mkdir()
+    (run_dir / "checkpoints" / ".step-000999.tmp-crash" / "model.safetensors").write_bytes(b"partial")
+
+    resumed = subprocess.run(nanomind(*pretrain_args(prepared, run_dir, *args, "--resume")),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert losses(run_dir) == losses(tmp_path / "ref")  # bitwise: the same floats, not just close
+
+
+def test_two_gloo_processes_match_one_process_with_twice_the_batch(prepared, tmp_path):
+    common = ("--max-steps", 4, "--eval-every", 4)
+    single = subprocess.run(nanomind(*pretrain_args(prepared, tmp_path / "one", *common, "--batch-size", 8)),
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(_free_port()), "-m", "nanomind",
+                          *map(str, pretrain_args(prepared, tmp_path / "two", *common, "--batch-size", 4))],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert np.allclose(losses(tmp_path / "one"), losses(tmp_path / "two"), atol=1e-5, rtol=0)
+    one, two = (load_model(tmp_path / name / "model") for name in ("one", "two"))
+    for a, b in zip(one.parameters(), two.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(prepared, tmp_path):
+    from conftest import tiny_config
+    from nanomind.model import NanoMind
+
+    tokenizer = Tokenizer.load(prepared / "tok")
+    manifest = json.loads((prepared / "data" / "manifest.json").read_text())
+    rows = open_rows(prepared / "data", "train", manifest, tokenizer.pad_id)
+    calls = {"n": 0}
+
+    def loss_that_diverges(model, batch):
+        loss_sum, n, metrics = token_loss(model, batch)
+        calls["n"] += 1
+        return (loss_sum * float("nan") if calls["n"] > 3 else loss_sum), n, metrics
+
+    model = NanoMind(tiny_config(vocab_size=tokenizer.vocab_size), verbose=False)
+    settings = TrainSettings(out=tmp_path / "run", batch_size=4, max_steps=10, save_every=2, eval_every=0)
+    with pytest.raises(TrainingError, match=r"became nan at step 4.*step-000002"):
+        train(Stage("test", rows, None, loss_that_diverges), model, tokenizer, settings, Distributed(),
+              torch.device("cpu"))
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-000002"
+    load_model(latest_checkpoint(tmp_path / "run" / "checkpoints"))  # intact and loadable
+
+
+def test_learning_rate_schedules():
+    assert learning_rate(0, 100, 1.0, 10, "cosine", 0.1) == pytest.approx(0.1)
+    assert learning_rate(9, 100, 1.0, 10, "cosine", 0.1) == pytest.approx(1.0)
+    assert learning_rate(99 + 1, 100, 1.0, 10, "cosine", 0.1) == pytest.approx(0.1)
+    assert learning_rate(50, 100, 1.0, 10, "wsd", 0.1) == 1.0
+    assert learning_rate(100, 100, 1.0, 10, "wsd", 0.1) == pytest.approx(0.1)
+
+
+def test_options_come_from_a_yaml_file_and_flags_win(tmp_path):
+    from nanomind.cli import build_parser, expand_config_file
+    (tmp_path / "run.yaml").write_text("data: [a.jsonl, b.jsonl]\nlr: 0.01\nbatch_size: 3\nresume: true\nout: x\n")
+    argv = expand_config_file(["pretrain", "--config", str(tmp_path / "run.yaml"), "--lr", "0.5"])
+    args = build_parser().parse_args(argv)
+    assert args.data == ["a.jsonl", "b.jsonl"] and args.batch_size == 3 and args.resume
+    assert args.lr == 0.5 and str(args.out) == "x"
