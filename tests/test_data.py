@@ -136,3 +136,28 @@ def test_data_prepared_with_another_tokenizer_is_refused(workdir, tmp_path):
         load_manifest(tmp_path / "p", other, "pretrain")
     with pytest.raises(DataError, match="holds pretrain data"):
         load_manifest(tmp_path / "p", None, "sft")
+
+
+def test_dpo_and_rl_kinds_prepare_their_own_layouts(tmp_path, workdir):
+    pair = {"chosen": [{"role": "user", "content": "2 plus 2?"}, {"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "user", "content": "2 plus 2?"}, {"role": "assistant", "content": "5"}]}
+    write_lines(tmp_path / "dpo.jsonl", [json.dumps(pair)] * 3)
+    manifest = prepare([tmp_path / "dpo.jsonl"], workdir / "tok", tmp_path / "dpo",
+                       PrepareOptions(kind="dpo", seq_len=64, val_fraction=0.0), verbose=False)
+    chosen = TokenStore(tmp_path / "dpo", "train.dpo.chosen", manifest["dtype"])
+    rejected = TokenStore(tmp_path / "dpo", "train.dpo.rejected", manifest["dtype"])
+    assert len(chosen.offsets) == len(rejected.offsets) == 4
+    tokenizer = Tokenizer.load(workdir / "tok")
+    first = slice(chosen.offsets[0], chosen.offsets[1])
+    assert tokenizer.decode(np.asarray(chosen.tokens[first])[np.asarray(chosen.mask[first]) == 1]).startswith("<think>")
+    assert tokenizer.decode(np.asarray(rejected.tokens[first])[np.asarray(rejected.mask[first]) == 1]).endswith(
+        "5<|im_end|>")
+
+    prompt = {"conversations": [{"role": "user", "content": "3 plus 4?"}, {"role": "assistant", "content": "无"}],
+              "gt": "7"}
+    write_lines(tmp_path / "rl.jsonl", [json.dumps(prompt, ensure_ascii=False)] * 2)
+    manifest = prepare([tmp_path / "rl.jsonl"], workdir / "tok", tmp_path / "rl",
+                       PrepareOptions(kind="rl", seq_len=64, val_fraction=0.0), verbose=False)
+    records = [json.loads(line) for line in open(tmp_path / "rl" / "train.jsonl", encoding="utf-8")]
+    assert manifest["records"]["train"] == 2
+    assert records[0] == {"conversations": [{"role": "user", "content": "3 plus 4?"}], "gt": "7"}

@@ -1,0 +1,286 @@
+"""The built-in curriculum: deterministic, well-formed, bilingual, correct, and evaluation held out."""
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from nanomind.data import read_records
+from nanomind.synth import SIZES, UNITS, CONVERSIONS, Problem, World, synthesize
+from nanomind.tokenizer import train_tokenizer
+
+STEMS = ["pretrain", "sft", "dpo", "rl", "agent_rl", "lora_domain"]
+ROLES = {"system", "user", "assistant", "tool"}
+EQUATION = re.compile(r"(\d+) ([-+×]) (\d+) = (\d+)")
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b}
+
+
+@pytest.fixture(scope="module")
+def curriculum(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    manifest = synthesize(out, size="tiny", seed=0)
+    return out, manifest
+
+
+def read(out, name):
+    with (out / name).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def messages_of(record):
+    return record.get("conversations") or record["chosen"] + record["rejected"]
+
+
+def user_messages(record):
+    return [m["content"] for m in messages_of(record) if m["role"] == "user"]
+
+
+def texts(record, with_rejected=True):
+    """Every piece of natural text in a record (not tool-call JSON)."""
+    if "text" in record:
+        return [record["text"]]
+    messages = record.get("conversations") or record["chosen"] + (record["rejected"] if with_rejected else [])
+    return [m[key] for m in messages for key in ("content", "reasoning_content") if m.get(key)]
+
+
+def test_same_seed_same_bytes_other_seed_other_world(curriculum, tmp_path):
+    out, manifest = curriculum
+    again = synthesize(tmp_path / "again", size="tiny", seed=0)
+    assert again == manifest
+    for name, entry in manifest["files"].items():
+        data = (out / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"] == again["files"][name]["sha256"]
+        assert data.count(b"\n") == entry["lines"] > 0
+    assert (out / "manifest.json").read_text(encoding="utf-8") == (tmp_path / "again" / "manifest.json").read_text(
+        encoding="utf-8")
+    other = synthesize(tmp_path / "other", size="tiny", seed=1)
+    assert other["files"]["pretrain.jsonl"]["sha256"] != manifest["files"]["pretrain.jsonl"]["sha256"]
+    assert World.build(1, "tiny").people != World.build(0, "tiny").people
+
+
+def test_every_file_has_its_documented_schema(curriculum):
+    out, manifest = curriculum
+    assert set(manifest["files"]) == {f"{p}{s}.jsonl" for s in STEMS for p in ("", "eval_")}
+    for stem in STEMS:
+        for name in (f"{stem}.jsonl", f"eval_{stem}.jsonl"):
+            for i, record in enumerate(read(out, name), start=1):
+                where = f"{name}:{i}"
+                if stem == "pretrain":
+                    assert list(record) == ["text"] and record["text"].strip(), where
+                    continue
+                if stem == "dpo":
+                    chosen, rejected = record["chosen"], record["rejected"]
+                    assert chosen[:-1] == rejected[:-1] and chosen[-1]["role"] == rejected[-1]["role"] == "assistant"
+                    assert chosen[-1]["content"] != rejected[-1]["content"], where
+                for m in messages_of(record):
+                    assert m["role"] in ROLES and isinstance(m["content"], str), where
+                    assert set(m) <= {"role", "content", "reasoning_content", "tools", "tool_calls"}, where
+                    if "tools" in m:
+                        assert m["role"] == "system"
+                        assert {t["function"]["name"] for t in json.loads(m["tools"])} == {"calculate_math",
+                                                                                           "unit_converter"}
+                    if "tool_calls" in m:
+                        calls = json.loads(m["tool_calls"])
+                        assert m["role"] == "assistant" and calls, where
+                        assert all(set(c) == {"name", "arguments"} and isinstance(c["arguments"], dict) for c in calls)
+                conversation = record.get("conversations")
+                if stem in ("rl", "agent_rl"):
+                    assert conversation[-1] == {"role": "assistant", "content": ""}, where
+                    assert conversation[-2]["role"] == "user", where
+                    gt = record["gt"]
+                    assert (isinstance(gt, str) and gt) if stem == "rl" else \
+                        (isinstance(gt, list) and gt and all(isinstance(g, str) and g for g in gt)), where
+                    assert ("tools" in conversation[0]) == (stem == "agent_rl"), where
+                elif stem in ("sft", "lora_domain"):
+                    assert conversation[-1]["role"] == "assistant" and conversation[-1]["content"], where
+                    assert "gt" not in record
+
+
+def test_the_project_readers_accept_every_file(curriculum):
+    """Each file passes nanomind's strict data reader for the format the manifest names."""
+    out, manifest = curriculum
+    for name, entry in manifest["files"].items():
+        assert sum(1 for _ in read_records([out / name], entry["format"])) == entry["lines"]
+
+
+def test_sft_covers_thinking_tools_and_multi_turn(curriculum):
+    out, _ = curriculum
+    records = read(out, "sft.jsonl")
+    assistants = [m for r in records for m in r["conversations"] if m["role"] == "assistant"]
+    assert any(m.get("reasoning_content") for m in assistants)  # with thinking
+    assert any(m.get("reasoning_content") == "" for m in assistants)  # explicitly empty thinking
+    assert any("reasoning_content" not in m for m in assistants)
+    assert any(sum(m["role"] == "user" for m in r["conversations"]) >= 2 for r in records)  # multi-turn
+    assert any("nanomind" in m["content"] for m in assistants)  # identity
+    tool_records = [r["conversations"] for r in records if any(m["role"] == "tool" for m in r["conversations"])]
+    names = {c["name"] for conv in tool_records for m in conv if "tool_calls" in m for c in json.loads(m["tool_calls"])}
+    assert names == {"calculate_math", "unit_converter"}
+    for conv in tool_records:
+        # A tool result follows each call, and the assistant answers after the results.
+        roles = [m["role"] for m in conv]
+        calls = json.loads(conv[roles.index("tool") - 1]["tool_calls"])
+        assert roles.count("tool") == len(calls) and roles[-1] == "assistant" and roles[-2] == "tool"
+
+
+def test_both_languages_in_every_file(curriculum):
+    out, manifest = curriculum
+    for name in manifest["files"]:
+        joined = " ".join(t for r in read(out, name) for t in texts(r))
+        assert re.search(r"[\u4e00-\u9fff]", joined), name
+        assert re.search(r"\b(the|is|What|How)\b", joined), name
+
+
+def test_evaluation_prompts_never_appear_in_training(curriculum):
+    out, manifest = curriculum
+    train_prompts, train_text = set(), []
+    for stem in STEMS:
+        for record in read(out, f"{stem}.jsonl"):
+            train_prompts.update([record["text"]] if stem == "pretrain" else user_messages(record))
+            train_text += texts(record)
+    # Arithmetic is held out by problem: no training text states a held-out problem, not even as a
+    # worked step, and every problem an evaluation prompt asks is a held-out one.
+    train_problems = {Problem(int(a), op, int(b)) for t in train_text for a, op, b, _ in EQUATION.findall(t)}
+    assert all(p.split(manifest["seed"]) == "train" for p in train_problems)
+    asked = 0
+    for stem in STEMS:
+        for record in read(out, f"eval_{stem}.jsonl"):
+            prompts = [record["text"]] if stem == "pretrain" else user_messages(record)
+            assert prompts and not set(prompts) & train_prompts, (stem, prompts)
+            for prompt in prompts:
+                for a, op, b in re.findall(r"(\d+) ([-+×]) (\d+)", prompt):
+                    problem = Problem(int(a), op, int(b))
+                    if problem.split(manifest["seed"]) == "eval":
+                        asked += 1
+                        assert problem not in train_problems and Problem(int(b), op, int(a)) not in train_problems
+                    else:  # only a worked document shows problems that are not held out: its steps
+                        assert stem == "pretrain", prompt
+    assert asked > 20
+
+    # The LoRA domain (planets) is new: no planet name appears in the pretraining or SFT data.
+    world = World.build(manifest["seed"], manifest["size"])
+    general = " ".join(t for stem in ("pretrain", "sft") for r in read(out, f"{stem}.jsonl") for t in texts(r))
+    domain = " ".join(t for r in read(out, "lora_domain.jsonl") for t in texts(r))
+    for planet in world.planets:
+        assert planet.name.en not in general and planet.name.zh not in general
+        assert planet.name.en in domain and planet.name.zh in domain
+
+
+UNIT_WORDS = {word: abbr for abbr, singular, plural, zh in UNITS.values() for word in (abbr, singular, plural, zh)}
+UNIT_PATTERN = re.compile("(?<![A-Za-z])(" + "|".join(sorted(map(re.escape, UNIT_WORDS), key=len, reverse=True))
+                          + ")(?![A-Za-z])")
+
+
+def expected_tool_answers(question):
+    """The values an agent prompt asks for, read from its text: each sentence is a sum or a conversion."""
+    answers = []
+    for sentence in re.split(r"[?？。]|\.(?=\s|$)", question):
+        problem = re.search(r"(\d+) ([-+×]) (\d+)", sentence)
+        if problem:
+            a, op, b = problem.groups()
+            answers.append(str(OPS[op](int(a), int(b))))
+            continue
+        amount = re.search(r"(\d+(?:\.\d+)?) ?", sentence)
+        if not amount:
+            continue
+        src = UNIT_WORDS[UNIT_PATTERN.match(sentence, amount.end()).group(1)]  # the unit right after the number
+        dst = next(UNIT_WORDS[m.group(1)] for m in UNIT_PATTERN.finditer(sentence) if m.start() != amount.end())
+        answers.append(convert(float(amount.group(1)), src, dst))
+    return answers
+
+
+def convert(value, src, dst):
+    factors = {(big, small): f for big, small, f in CONVERSIONS}
+    value = value * factors[src, dst] if (src, dst) in factors else value / factors[dst, src]
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def test_arithmetic_tool_results_and_ground_truths_are_correct(curriculum):
+    out, manifest = curriculum
+    checked = 0
+    for name in manifest["files"]:
+        for record in read(out, name):
+            for text in texts(record, with_rejected=False):  # rejected DPO answers are wrong on purpose
+                for a, op, b, result in EQUATION.findall(text):
+                    assert OPS[op](int(a), int(b)) == int(result), (name, text)
+                    checked += 1
+    assert checked > 1000
+
+    def run_tool(call):
+        args = call["arguments"]
+        if call["name"] == "calculate_math":
+            a, op, b = args["expression"].split()
+            return str(OPS["×" if op == "*" else op](int(a), int(b)))
+        return convert(args["value"], args["from_unit"], args["to_unit"])
+
+    for stem in ("sft", "agent_rl"):
+        for name in (f"{stem}.jsonl", f"eval_{stem}.jsonl"):
+            for record in read(out, name):
+                conv = record["conversations"]
+                for i, m in enumerate(conv):
+                    if "tool_calls" in m:
+                        calls = json.loads(m["tool_calls"])
+                        results = [json.loads(t["content"])["result"] for t in conv[i + 1:i + 1 + len(calls)]]
+                        assert results == [run_tool(c) for c in calls]
+                        assert all(r in conv[-1]["content"] for r in results)  # the answer uses the results
+                if "gt" in record:  # agent RL: work each expected value out from the question's own words
+                    assert record["gt"] == expected_tool_answers(conv[-2]["content"]), conv[-2]["content"]
+    for record in read(out, "rl.jsonl") + read(out, "eval_rl.jsonl"):
+        question = record["conversations"][0]["content"]
+        problem = re.search(r"(\d+) ([-+×]) (\d+)", question)
+        if problem:
+            a, op, b = problem.groups()
+            assert record["gt"] == str(OPS[op](int(a), int(b))), question
+
+
+def test_rl_fact_ground_truths_agree_with_the_world(curriculum):
+    out, manifest = curriculum
+    world = World.build(manifest["seed"], manifest["size"])
+    answers = {f.subject.pick(zh): set() for f in world.all_facts for zh in (False, True)}
+    for f in world.all_facts:
+        for zh in (False, True):
+            answers[f.subject.pick(zh)].add(f.answer.pick(zh))
+    fact_items = 0
+    for record in read(out, "rl.jsonl") + read(out, "eval_rl.jsonl"):
+        question = record["conversations"][0]["content"]
+        subjects = [s for s in answers if s in question]
+        if subjects:
+            fact_items += 1
+            subject = max(subjects, key=len)
+            assert record["gt"] in answers[subject], (question, record["gt"])
+    assert fact_items > 10
+
+
+def test_the_chat_template_renders_every_conversation(curriculum, tmp_path):
+    """The SFT files feed straight into the tokenizer trainer and the chat template, tools included."""
+    out, _ = curriculum
+    files = [out / "pretrain.jsonl", out / "sft.jsonl", out / "lora_domain.jsonl"]
+    tokenizer = train_tokenizer(files, vocab_size=400)
+    for name in ("sft.jsonl", "eval_sft.jsonl", "lora_domain.jsonl"):
+        for record in read(out, name):
+            conv = record["conversations"]
+            rendered = tokenizer.apply_chat_template(conv, tools=conv[0].get("tools"))
+            assert rendered.count("<|im_start|>assistant") == sum(m["role"] == "assistant" for m in conv)
+            assert conv[-1]["content"] in rendered
+
+
+def test_sizes_are_ordered_and_tiny_is_quick(tmp_path):
+    import time
+    start = time.perf_counter()
+    synthesize(tmp_path, size="tiny", seed=5)
+    assert time.perf_counter() - start < 2
+    totals = [sum(s.lines.values()) for s in SIZES.values()]
+    assert totals == sorted(totals)
+    with pytest.raises(ValueError, match="tiny, small, medium"):
+        synthesize(tmp_path, size="huge")
+
+
+def test_cli_writes_the_curriculum(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "nanomind.cli", "data", "synth", "--out", str(tmp_path / "cli"),
+                             "--size", "tiny", "--seed", "3"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "cli" / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest == synthesize(tmp_path / "api", size="tiny", seed=3)
+    assert "sft.jsonl" in result.stdout
