@@ -21,7 +21,8 @@ def run(*args, check=True):
 
 def test_every_command_documents_every_flag():
     parser = build_parser()
-    commands = [["demo"], ["tokenizer", "train"], ["generate"], ["convert"], ["presets"], ["data", "synth"]]
+    commands = [["demo"], ["tokenizer", "train"], ["generate"], ["convert"], ["presets"], ["data", "synth"],
+                ["prepare"], ["pretrain"], ["sft"], ["serve"], ["chat"], ["export", "gguf"]]
     for command in commands:
         sub = parser
         for word in command:
@@ -33,12 +34,17 @@ def test_every_command_documents_every_flag():
 
 
 def test_the_main_job_trains_saves_and_samples(tmp_path):
-    """The README's first command, shortened: the demo leaves a checkpoint transformers loads."""
-    result = run("demo", "--out", tmp_path / "demo", "--seconds", 8)
-    assert "[4/4] sampling" in result.stdout and "M parameters" in result.stdout
-    checkpoint = tmp_path / "demo" / "model"
+    """The README's first command at its test size: every stage runs, the final checkpoint loads in
+    transformers, and a rerun skips the finished stages."""
+    result = run("demo", "--out", tmp_path / "demo", "--size", "test")
+    for stage in ("data", "tokenizer", "pretrain", "sft", "chat"):
+        assert f"[{stage}]" in result.stdout
+    assert "$ nanomind pretrain --data" in result.stdout and "M parameters" in result.stdout
+    checkpoint = tmp_path / "demo" / "sft" / "model"
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    rerun = run("demo", "--out", tmp_path / "demo", "--size", "test")
+    assert "[pretrain] already done, skipping" in rerun.stdout and "[sft] already done" in rerun.stdout
     ids = tokenizer("3 plus 4 equals", return_tensors="pt").input_ids
     with torch.no_grad():
         assert model(ids).logits.shape == (1, ids.shape[1], tokenizer.vocab_size)

@@ -7,6 +7,8 @@
   nanomind presets                  list the model presets and their sizes
   nanomind data synth --out DIR     write the built-in bilingual curriculum (every stage, with eval sets)
   nanomind serve --model DIR        OpenAI-compatible API and web chat page (continuous batching)
+  nanomind chat --model DIR         chat in the terminal
+  nanomind export gguf ...          write a GGUF file (and ollama Modelfile) for llama.cpp / ollama
 """
 
 from __future__ import annotations
@@ -111,8 +113,7 @@ def _torch_dtype(name: str | None):
 
 def cmd_demo(args):
     from .demo import run_demo
-    run_demo(args.out, seconds=args.seconds, vocab_size=args.vocab_size, seed=args.seed,
-             preset=args.preset, model_overrides=model_overrides(args))
+    run_demo(args.out, size=args.size, seed=args.seed, device=args.device)
 
 
 def cmd_tokenizer_train(args):
@@ -202,6 +203,26 @@ def cmd_serve(args):
           tokenizer_dir=args.tokenizer)
 
 
+
+def cmd_chat(args):
+    from .chat import ChatSession, run_chat
+    from .checkpoint import load_model
+    from .generation import SamplingParams
+    from .tokenizer import Tokenizer
+
+    model = load_model(args.model, device=args.device, dtype=_torch_dtype(args.dtype))
+    tokenizer = Tokenizer.load(args.tokenizer or args.model)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    run_chat(ChatSession(model, tokenizer, params, system=args.system, thinking=args.think,
+                         color=sys.stdout.isatty()))
+
+
+def cmd_export_gguf(args):
+    from .export_gguf import export_gguf
+    path = export_gguf(args.model, args.out, dtype=args.dtype, tokenizer_dir=args.tokenizer)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) and {path.with_name('Modelfile')}")
+
 # ----------------------------------------------------------------------------------------------
 # Argument parsing
 
@@ -218,14 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = command("demo", cmd_demo, "train a tokenizer and a tiny model on built-in text, then sample from it",
-                "The main job: offline, on CPU, in about a minute. Writes data, tokenizer and a checkpoint "
-                "(loadable by transformers) under --out.")
+    p = command("demo", cmd_demo, "the whole pipeline on built-in data: data, tokenizer, pretrain, SFT, chat",
+                "The main job: offline, on CPU, in minutes. Runs each stage with the same command a user "
+                "would type (printed), into its own folder under --out; a rerun skips finished stages.")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
-    p.add_argument("--seconds", type=float, default=60.0, help="pretraining wall-clock budget")
-    p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary size")
+    p.add_argument("--size", choices=["test", "tiny"], default="tiny",
+                   help="test: about a minute, for the test suite; tiny: a few minutes, a model that answers")
     p.add_argument("--seed", type=int, default=0, help="random seed for data and initialisation")
-    add_model_args(p)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
     p = tok.add_parser("train", help="train a byte-level BPE tokenizer",
@@ -326,6 +347,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=1024,
                    help="reply length limit when a request sets no max_tokens")
     add_device_args(p)
+
+    p = command("chat", cmd_chat, "chat with a checkpoint in the terminal",
+                "Streamed replies with the conversation kept. Commands: /reset, /think (toggle reasoning), "
+                "/system TEXT, /exit. End a line with \\ (or wrap lines in \"\"\") for a multi-line message. "
+                "Ctrl-C stops the reply being written, not the program.")
+    p.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: --model)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--think", action="store_true", help="start with thinking on (toggle with /think)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="most tokens per reply")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling probability mass")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    add_device_args(p)
+
+    export = sub.add_parser("export", help="export a checkpoint to other formats").add_subparsers(
+        dest="action", required=True)
+    p = export.add_parser("gguf", help="write a GGUF file for llama.cpp / ollama",
+                          description="Write the checkpoint as a GGUF file (Qwen3 architecture, with the byte-level "
+                                      "BPE tokenizer and the chat template) that llama.cpp loads, and an ollama "
+                                      "Modelfile next to it.",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.set_defaults(func=cmd_export_gguf)
+    p.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: --model)")
+    p.add_argument("--out", type=Path, required=True, help="output .gguf file")
+    p.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16",
+                   help="tensor type of the weight matrices (norms always stay f32)")
     return parser
 
 

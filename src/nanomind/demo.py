@@ -1,102 +1,98 @@
-"""The main job, first version: train a tokenizer and a tiny model on built-in text, then sample.
+"""The main job: the pipeline so far, offline on a CPU, in a few minutes.
 
-Everything runs offline on a CPU in about a minute:
-  1. write the built-in bilingual corpus to DIR/data/builtin.jsonl
-  2. train a byte-level BPE tokenizer on it            -> DIR/tokenizer
-  3. pack the tokenized documents into fixed-length rows (no padding) and pretrain the `tiny`
-     preset for a fixed wall-clock budget               -> DIR/model (a transformers-loadable checkpoint)
-  4. sample continuations of a few prompts
+  1. data       `nanomind data synth`: the built-in bilingual curriculum        -> DIR/data
+  2. tokenizer  `nanomind tokenizer train` on its pretraining and SFT text      -> DIR/tokenizer
+  3. pretrain   `nanomind pretrain` on the curriculum's text                    -> DIR/pretrain/model
+  4. sft        `nanomind sft` on its conversations (reasoning, tool calls)     -> DIR/sft/model
+  5. chat       a few held-out questions answered by the final model
 
-The data pipeline and the shared training loop (pretrain, SFT, DDP, resume) replace step 3 later;
-this keeps the first run honest and short.
+Each stage runs the very command a user would type (they are printed), writes its own folder and a
+`DONE` marker; a rerun skips finished stages, so a killed demo continues where it stopped. Later
+stages (LoRA, DPO, distillation, RL, evaluation, report) join as they land.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import shlex
 import time
 from pathlib import Path
 
-import torch
-
-from .builtin_text import write_builtin_jsonl
-from .checkpoint import save_checkpoint
-from .generation import SamplingParams, generate
-from .model import NanoMind, preset_config
-from .tokenizer import train_tokenizer
-
-DEMO_PROMPTS = ["3 plus 4 equals", "The colour of grass is", "小明和小狗去了", "A week has"]
+SIZES = {
+    # size: (curriculum, model flags, pretrain seconds, sft seconds, vocabulary)
+    "test": ("tiny", ["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
+             8, 6, 600),
+    "tiny": ("small", [], 150, 90, 2048),
+}
 
 
-def pack_documents(documents: list[list[int]], separator: int, seq_len: int) -> torch.Tensor:
-    """Join documents with the end-of-text token and cut the stream into rows of seq_len + 1 tokens
-    (inputs are a row's first seq_len tokens, targets its last seq_len); the ragged tail is dropped."""
-    stream = [t for doc in documents for t in (*doc, separator)]
-    rows = len(stream) // (seq_len + 1)
-    if rows == 0:
-        raise ValueError(f"only {len(stream)} tokens of text: not enough for one row of {seq_len + 1}")
-    return torch.tensor(stream[: rows * (seq_len + 1)]).view(rows, seq_len + 1)
+def run_command(argv: list[str]) -> None:
+    from .cli import build_parser, expand_config_file
+
+    print("$ nanomind " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    args = build_parser().parse_args(expand_config_file(argv))
+    args.func(args)
 
 
-def pretrain_for(model: NanoMind, rows: torch.Tensor, seconds: float, batch_size: int,
-                 lr: float, log_every: float = 10.0) -> list[float]:
-    """AdamW with linear warm-up and cosine decay over a wall-clock budget; returns the losses."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    generator = torch.Generator().manual_seed(0)
-    model.train()
-    losses, start, last_log, step = [], time.perf_counter(), 0.0, 0
-    while (elapsed := time.perf_counter() - start) < seconds:
-        progress = elapsed / seconds
-        scale = min(1.0, progress / 0.05) * 0.5 * (1 + math.cos(math.pi * progress))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * max(scale, 0.05)
-        batch = rows[torch.randint(len(rows), (batch_size,), generator=generator)]
-        loss = model(batch[:, :-1], targets=batch[:, 1:]).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        step += 1
-        if elapsed - last_log >= log_every or step == 1:
-            print(f"  step {step:5d}  {elapsed:5.1f}s  loss {loss.item():.3f}", flush=True)
-            last_log = elapsed
-    model.eval()
-    return losses
+def stage(out: Path, name: str, argv_or_fn) -> Path:
+    """Run a stage unless its DONE marker exists; return its folder."""
+    folder = out / name
+    if (folder / "DONE").exists():
+        print(f"[{name}] already done, skipping ({folder})")
+        return folder
+    start = time.perf_counter()
+    print(f"[{name}]", flush=True)
+    argv_or_fn() if callable(argv_or_fn) else run_command(argv_or_fn)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "DONE").write_text(f"{time.perf_counter() - start:.1f}s\n")
+    return folder
 
 
-def run_demo(out_dir: str | Path, seconds: float = 60.0, vocab_size: int = 2048, preset: str = "tiny",
-             model_overrides: dict | None = None, seq_len: int = 128, batch_size: int = 16,
-             documents: int = 20000, lr: float = 3e-3, seed: int = 0) -> Path:
-    out_dir = Path(out_dir)
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    print(f"[1/4] writing {documents} built-in documents", flush=True)
-    data = write_builtin_jsonl(out_dir / "data" / "builtin.jsonl", documents, seed=seed)
-
-    print(f"[2/4] training a {vocab_size}-token byte-level BPE tokenizer", flush=True)
-    tokenizer = train_tokenizer([data], vocab_size=vocab_size, out_dir=out_dir / "tokenizer")
-
-    rows = pack_documents(tokenizer.encode_batch(list(_texts(data))), tokenizer.eos_id, seq_len)
-    config = preset_config(preset, **{**(model_overrides or {}), "vocab_size": tokenizer.vocab_size})
-    print(f"[3/4] pretraining for {seconds:.0f}s on {rows.numel():,} tokens ({len(rows)} rows of {seq_len})",
-          flush=True)
-    model = NanoMind(config)
-    losses = pretrain_for(model, rows, seconds, batch_size, lr)
-    checkpoint = save_checkpoint(model, out_dir / "model", tokenizer=tokenizer)
-    print(f"  {len(losses)} steps, loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}")
-
-    print("[4/4] sampling (greedy)", flush=True)
-    for prompt, completion in zip(DEMO_PROMPTS, generate(
-            model, tokenizer, DEMO_PROMPTS, SamplingParams(max_new_tokens=24, stop=["\n"]))):
-        print(f"  {prompt!r} -> {completion.text!r}")
-    print(f"done in {time.perf_counter() - t0:.0f}s. The checkpoint is {checkpoint}; try:\n"
-          f"  nanomind generate --model {checkpoint} --prompt 'The sun rises in the'")
-    return checkpoint
-
-
-def _texts(path: Path):
-    with open(path, encoding="utf-8") as f:
+def held_out_questions(eval_file: Path, n: int) -> list[list[dict]]:
+    questions = []
+    with open(eval_file, encoding="utf-8") as f:
         for line in f:
-            yield json.loads(line)["text"]
+            conversation = json.loads(line)["conversations"]
+            first_user = next(i for i, m in enumerate(conversation) if m["role"] == "user")
+            if not any(m.get("tools") for m in conversation):
+                questions.append(conversation[:first_user + 1])
+            if len(questions) == n:
+                break
+    return questions
+
+
+def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str = "cpu") -> Path:
+    out = Path(out_dir)
+    curriculum, model_flags, pretrain_seconds, sft_seconds, vocab = SIZES[size]
+    started = time.perf_counter()
+    data = out / "data"
+    stage(out, "data", ["data", "synth", "--out", str(data), "--size", curriculum, "--seed", str(seed)])
+    stage(out, "tokenizer", ["tokenizer", "train", "--data", str(data / "pretrain.jsonl"), str(data / "sft.jsonl"),
+                             "--vocab-size", str(vocab), "--out", str(out / "tokenizer")])
+    common = ["--device", device, "--seed", str(seed), "--eval-every", "50", "--save-every", "50"]
+    stage(out, "pretrain", ["pretrain", "--data", str(data / "pretrain.jsonl"), "--tokenizer", str(out / "tokenizer"),
+                            "--preset", "tiny", *model_flags, "--seq-len", "256", "--batch-size", "16",
+                            "--lr", "3e-3", "--warmup-steps", "20", "--time-budget", str(pretrain_seconds),
+                            "--epochs", "20", "--resume", "--out", str(out / "pretrain"), *common])
+    stage(out, "sft", ["sft", "--data", str(data / "sft.jsonl"), "--init-from", str(out / "pretrain" / "model"),
+                       "--seq-len", "768", "--batch-size", "8", "--lr", "1e-3", "--warmup-steps", "10",
+                       "--time-budget", str(sft_seconds), "--epochs", "20", "--resume", "--out", str(out / "sft"),
+                       *common])
+    final = out / "sft" / "model"
+    chat_samples(final, held_out_questions(data / "eval_sft.jsonl", 4))
+    print(f"\ndone in {time.perf_counter() - started:.0f}s. The final model is {final} (a Hugging Face Qwen3 folder).\n"
+          f"Try:\n  nanomind generate --model {final} --chat --prompt 'What is 12 plus 7?'")
+    return final
+
+
+def chat_samples(checkpoint: Path, conversations: list[list[dict]]) -> None:
+    from .checkpoint import load_model
+    from .generation import SamplingParams, generate
+    from .tokenizer import Tokenizer
+
+    model, tokenizer = load_model(checkpoint), Tokenizer.load(checkpoint)
+    prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+    params = SamplingParams(max_new_tokens=48, eos_ids=[tokenizer.eos_id])
+    print("[chat] held-out questions, greedy answers:")
+    for conversation, completion in zip(conversations, generate(model, tokenizer, prompts, params)):
+        print(f"  user: {conversation[-1]['content']}\n  nanomind: {completion.text.strip()}")

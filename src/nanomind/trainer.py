@@ -252,7 +252,7 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
         train_model = torch.compile(train_model)
     autocast = _autocast(device, s.precision)
     flops_per_token = 6 * model.num_parameters(active_only=True)
-    progress = ProgressPrinter(total_steps, enabled=run.is_main)
+    progress = ProgressPrinter(total_steps, enabled=run.is_main, time_budget=s.time_budget)
     started = time.perf_counter()
     metrics = {}
 
@@ -461,8 +461,9 @@ def _rewrite_metrics(path: Path, history: list) -> None:
 class ProgressPrinter:
     """One status line per `interval` seconds: step, loss, lr, tokens/s, MFU (GPU), ETA."""
 
-    def __init__(self, total_steps: int, enabled: bool, interval: float = 2.0):
+    def __init__(self, total_steps: int, enabled: bool, time_budget: float | None = None, interval: float = 2.0):
         self.total, self.enabled, self.interval, self.last = total_steps, enabled, interval, -1e9
+        self.time_budget = time_budget
         self.tty = sys.stdout.isatty()
 
     def update(self, m: dict, steps_done: int, elapsed: float) -> None:
@@ -472,9 +473,10 @@ class ProgressPrinter:
         if not evaluated and time.perf_counter() - self.last < self.interval and m["step"] != self.total:
             return
         self.last = time.perf_counter()
-        eta = ""
-        if self.total < 10**12:
-            eta = f" | eta {_duration(elapsed / steps_done * (self.total - m['step']))}"
+        remaining = [elapsed / steps_done * (self.total - m["step"])] if self.total < 10**12 else []
+        if self.time_budget is not None:
+            remaining.append(max(self.time_budget - elapsed, 0))
+        eta = f" | eta {_duration(min(remaining))}" if remaining else ""
         line = (f"step {m['step']}/{self.total if self.total < 10**12 else '?'} | loss {m['loss']:.4f} | "
                 f"lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s"
                 + (f" | mfu {m['mfu']:.1%}" if "mfu" in m else "") + eta)
