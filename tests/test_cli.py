@@ -1,5 +1,6 @@
 """The `nanomind` command as a user runs it: real processes, real files."""
 
+import os
 import subprocess
 import sys
 
@@ -75,3 +76,13 @@ def test_tokenizer_train_and_bad_input_errors(tmp_path):
 def test_presets_lists_the_sizes():
     out = run("presets").stdout
     assert "base-moe" in out and "63.91M" in out and "198.42M" in out
+
+
+def test_data_download_without_network_fails_clearly(tmp_path):
+    pytest.importorskip("huggingface_hub")
+    result = subprocess.run([sys.executable, "-m", "nanomind", "data", "download", "dpo.jsonl", "--out", tmp_path],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0
+    assert "could not download dpo.jsonl" in result.stderr and "nanomind data synth" in result.stderr
+    unknown = run("data", "download", "nope.jsonl", "--out", tmp_path, check=False)
+    assert unknown.returncode == 2 and "sft_t2t_mini.jsonl" in unknown.stderr

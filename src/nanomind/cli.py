@@ -165,6 +165,15 @@ def cmd_data_synth(args):
     print(f"wrote the {args.size} curriculum (seed {args.seed}) in {time.perf_counter() - start:.1f}s -> {args.out}")
 
 
+def cmd_data_download(args):
+    from .download import download
+    try:
+        path = download(args.name, args.out, args.repo)
+    except RuntimeError as e:
+        raise SystemExit(f"nanomind data download: error: {e}")
+    print(f"downloaded {path}")
+
+
 def cmd_prepare(args):
     from .prepare import PrepareOptions, prepare
     prepare(args.data, args.tokenizer, args.out, PrepareOptions(
@@ -300,6 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=["tiny", "small", "medium"], default="small",
                    help="tiny: ~2.5K lines for tests; small: the CPU demo; medium: ~10x small")
     p.add_argument("--seed", type=int, default=0, help="seed for the invented world and every file")
+
+    p = data.add_parser("download", help="fetch one of MiniMind's dataset files from the Hugging Face hub",
+                        description="Download a MiniMind dataset file by name (resumable) with huggingface_hub. "
+                                    "Needs network access; fails with a clear message without it.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.set_defaults(func=cmd_data_download)
+    p.add_argument("name", help="file name, e.g. pretrain_t2t_mini.jsonl, sft_t2t_mini.jsonl, dpo.jsonl, rlaif.jsonl")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--repo", default="jingyaogong/minimind_dataset", help="Hugging Face dataset repository")
 
     p = command("prepare", cmd_prepare, "tokenize JSONL once into memory-mapped training rows",
                 "Validate and tokenize MiniMind-format JSONL (pretrain, sft, dpo, rl, agent) into a folder of "
