@@ -95,15 +95,21 @@ class ConversationEncoder:
         self.im_end = tokenizer.token_to_id("<|im_end|>")
         self.assistant_header = tokenizer.encode("assistant") + tokenizer.encode("\n")
 
-    def encode(self, messages: list[dict], rng: random.Random | None = None) -> tuple[list[int], list[int]]:
+    def render(self, messages: list[dict], rng: random.Random | None = None) -> str:
         tools = conversation_tools(messages)
         if rng and not tools and messages[0]["role"] != "system" and rng.random() < self.options.system_prompt_ratio:
             messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}, *messages]
         text = self.tokenizer.apply_chat_template(messages, tools=tools)
         if rng and rng.random() < self.options.empty_think_removal_ratio:
             text = text.replace(EMPTY_THINK, "")
-        ids = self.tokenizer.encode(text)
-        return ids, assistant_loss_mask(ids, self.im_start, self.im_end, self.assistant_header)
+        return text
+
+    def mask(self, ids: list[int]) -> list[int]:
+        return assistant_loss_mask(ids, self.im_start, self.im_end, self.assistant_header)
+
+    def encode(self, messages: list[dict], rng: random.Random | None = None) -> tuple[list[int], list[int]]:
+        ids = self.tokenizer.encode(self.render(messages, rng))
+        return ids, self.mask(ids)
 
 
 def record_rng(seed: int, key: str) -> random.Random:
@@ -130,21 +136,25 @@ def _init_worker(tokenizer_dir: str, options: PrepareOptions) -> None:
 def _encode_chunk(chunk: list[tuple[str, dict]]) -> list[tuple[str, list]]:
     """[(key, record)] -> [(key, sequences)] where sequences is a list of (ids, mask or None)."""
     tokenizer, options, encoder = _worker["tokenizer"], _worker["options"], _worker["encoder"]
-    out = []
     if options.kind == "pretrain":
         ids_list = tokenizer.encode_batch([record["text"] for _, record in chunk])
         end_of_text = tokenizer.pad_id  # <|endoftext|> both separates documents and pads
         return [(key, [(ids + [end_of_text], None)]) for (key, _), ids in zip(chunk, ids_list)]
+    # Render every conversation of the chunk, then encode them in one batch (Rust, all cores).
+    texts = []
     for key, record in chunk:
         rng = record_rng(options.seed, key)
         if options.kind == "sft":
-            out.append((key, [encoder.encode(record["conversations"], rng)]))
+            texts.append(encoder.render(record["conversations"], rng))
         else:  # dpo: both sides get the same augmentation draws, so they differ only in the answer
             state = rng.getstate()
-            chosen = encoder.encode(record["chosen"], rng)
+            texts.append(encoder.render(record["chosen"], rng))
             rng.setstate(state)
-            out.append((key, [chosen, encoder.encode(record["rejected"], rng)]))
-    return out
+            texts.append(encoder.render(record["rejected"], rng))
+    ids_list = tokenizer.encode_batch(texts)
+    sequences = [(ids, encoder.mask(ids)) for ids in ids_list]
+    per_record = 1 if options.kind == "sft" else 2
+    return [(key, sequences[i * per_record:(i + 1) * per_record]) for i, (key, _) in enumerate(chunk)]
 
 
 # ----------------------------------------------------------------------------------------------
