@@ -153,3 +153,29 @@ def test_options_come_from_a_yaml_file_and_flags_win(tmp_path):
     args = build_parser().parse_args(argv)
     assert args.data == ["a.jsonl", "b.jsonl"] and args.batch_size == 3 and args.resume
     assert args.lr == 0.5 and str(args.out) == "x"
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_both_optimizers_reduce_the_loss_and_resume_their_state(prepared, tmp_path, optimizer):
+    from conftest import tiny_config
+    from nanomind.model import NanoMind
+    from nanomind.trainer import build_optimizer
+
+    tokenizer = Tokenizer.load(prepared / "tok")
+    manifest = json.loads((prepared / "data" / "manifest.json").read_text())
+    rows = open_rows(prepared / "data", "train", manifest, tokenizer.pad_id)
+    torch.manual_seed(0)
+    model = NanoMind(tiny_config(vocab_size=tokenizer.vocab_size), verbose=False)
+    if optimizer == "muon":
+        # Muon takes the blocks' matrices; embeddings and norms stay with AdamW.
+        opt = build_optimizer(model, 1e-3, 0.1, "muon")
+        muon, adam = opt.optimizers
+        assert isinstance(muon, torch.optim.Muon) and all(p.dim() == 2 for g in muon.param_groups for p in g["params"])
+        assert any(p is model.model.embed_tokens.weight for g in adam.param_groups for p in g["params"])
+    settings = TrainSettings(out=tmp_path / "run", batch_size=8, max_steps=25, lr=3e-3, eval_every=0,
+                             optimizer=optimizer, save_every=25)
+    train(Stage("test", rows, None, token_loss), model, tokenizer, settings, Distributed(), torch.device("cpu"))
+    history = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert np.mean(history[-5:]) < history[0] - 1.0
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-000025" / "trainer_state.pt", weights_only=False)
+    assert len(state["optimizer"]["optimizers"]) == (2 if optimizer == "muon" else 1)

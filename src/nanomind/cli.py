@@ -79,7 +79,9 @@ def add_training_args(parser: argparse.ArgumentParser, default_lr: float) -> Non
     g.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps")
     g.add_argument("--schedule", choices=["cosine", "wsd", "constant"], default="cosine",
                    help="after warm-up: cosine decay, warmup-stable-decay, or constant")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="weight decay (matrices only)")
+    g.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                   help="muon: Muon for the blocks' weight matrices, AdamW for embeddings and norms")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     g.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1)")

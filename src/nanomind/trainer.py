@@ -156,16 +156,58 @@ def token_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
 # Optimizer and schedule
 
 
-def build_optimizer(model: NanoMind, lr: float, weight_decay: float, betas=(0.9, 0.95), fused: bool = False):
-    """AdamW; matrices decay, norms and embeddings do not (decaying them only hurts)."""
-    decay, no_decay = [], []
+class CombinedOptimizer:
+    """Several optimizers stepped as one (Muon for hidden matrices, AdamW for the rest)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for o, s in zip(self.optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(s)
+
+
+def build_optimizer(model: NanoMind, lr: float, weight_decay: float, kind: str = "adamw",
+                    betas=(0.9, 0.95)) -> CombinedOptimizer:
+    """AdamW where matrices decay and norms and embeddings do not (decaying them only hurts); with
+    kind="muon", the blocks' weight matrices use Muon (orthogonalised momentum) instead, its update
+    scaled to AdamW's size so the same --lr serves both."""
     embedding = model.model.embed_tokens.weight
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and p is not embedding else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    matrices = [p for p in trainable if p.dim() >= 2 and p is not embedding and p is not model.lm_head.weight]
+    others = [p for p in trainable if not any(p is m for m in matrices)]
+    optimizers = []
+    if kind == "muon":
+        if not hasattr(torch.optim, "Muon"):
+            raise TrainingError("--optimizer muon needs torch >= 2.9 (torch.optim.Muon)")
+        optimizers.append(torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay,
+                                           adjust_lr_fn="match_rms_adamw"))
+        adam_groups = [{"params": others, "weight_decay": 0.0}]
+    elif kind == "adamw":
+        decay = [p for p in others if p.dim() >= 2 and p is not embedding] + matrices
+        no_decay = [p for p in others if not (p.dim() >= 2 and p is not embedding)]
+        adam_groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    else:
+        raise ValueError(f"unknown optimizer {kind!r}")
+    adam_groups = [g for g in adam_groups if g["params"]]
+    if adam_groups:
+        optimizers.append(torch.optim.AdamW(adam_groups, lr=lr, betas=betas))
+    return CombinedOptimizer(optimizers)
 
 
 def learning_rate(step: int, total_steps: int, peak: float, warmup: int, schedule: str,
@@ -201,6 +243,7 @@ class TrainSettings:
     warmup_steps: int = 10
     schedule: str = "cosine"
     weight_decay: float = 0.1
+    optimizer: str = "adamw"
     grad_clip: float = 1.0
     max_steps: int | None = None
     epochs: float | None = None
@@ -226,7 +269,7 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
     model.to(device)
     sampler = RowSampler(len(stage.train_rows), s.batch_size, run, s.seed)
     total_steps = _total_steps(s, sampler)
-    optimizer = build_optimizer(model, s.lr, s.weight_decay)
+    optimizer = build_optimizer(model, s.lr, s.weight_decay, s.optimizer)
     start_step, history = 0, []
 
     checkpoint_dir = out / "checkpoints"
