@@ -91,15 +91,17 @@ def test_resume_after_sigkill_gives_the_same_losses_bitwise(prepared, tmp_path):
     assert losses(run_dir) == losses(tmp_path / "ref")  # bitwise: the same floats, not just close
 
 
-def test_two_gloo_processes_match_one_process_with_twice_the_batch(prepared, tmp_path):
-    common = ("--max-steps", 4, "--eval-every", 4)
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process_with_twice_the_batch(prepared, tmp_path, sharding):
+    common = ("--max-steps", 4, "--eval-every", 4, "--grad-accum", 2)
     single = subprocess.run(nanomind(*pretrain_args(prepared, tmp_path / "one", *common, "--batch-size", 8)),
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_port", str(_free_port()), "-m", "nanomind",
-                          *map(str, pretrain_args(prepared, tmp_path / "two", *common, "--batch-size", 4))],
+                          *map(str, pretrain_args(prepared, tmp_path / "two", *common, "--batch-size", 4,
+                                                  *(["--fsdp"] if sharding == "fsdp" else [])))],
                          capture_output=True, text=True, timeout=600, env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert np.allclose(losses(tmp_path / "one"), losses(tmp_path / "two"), atol=1e-5, rtol=0)

@@ -126,17 +126,19 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
 
 
 def save_checkpoint(model: NanoMind, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | None = None,
-                    write_extra: Callable[[Path], None] | None = None) -> Path:
+                    write_extra: Callable[[Path], None] | None = None, state_dict: dict | None = None) -> Path:
     """Write a transformers-loadable checkpoint directory atomically (temp dir, then rename).
 
     `write_extra(folder)` may add files (e.g. a trainer's resume state) before the rename, so they
-    appear together with the weights or not at all."""
+    appear together with the weights or not at all. `state_dict` replaces the model's own (a sharded
+    model passes its gathered, full weights)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     dtype = dtype or next(model.parameters()).dtype
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
+        weights = state_dict if state_dict is not None else model.state_dict()
+        tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in weights.items()}
         if model.config.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)  # the loader re-ties it to the embedding
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})

@@ -88,6 +88,8 @@ def add_training_args(parser: argparse.ArgumentParser, default_lr: float) -> Non
     g.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--fsdp", action="store_true",
+                   help="with torchrun: shard parameters, gradients and optimizer state over processes (FSDP2)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 elsewhere")
     g = parser.add_argument_group("run")

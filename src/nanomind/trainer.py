@@ -256,6 +256,7 @@ class TrainSettings:
     log_every: int = 1
     seed: int = 0
     compile: bool = False
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (FSDP2)
     resume: bool = False
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
 
@@ -267,6 +268,8 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
     out = Path(s.out)
     torch.manual_seed(s.seed)
     model.to(device)
+    if s.fsdp:
+        _shard(model, run, s)
     sampler = RowSampler(len(stage.train_rows), s.batch_size, run, s.seed)
     total_steps = _total_steps(s, sampler)
     optimizer = build_optimizer(model, s.lr, s.weight_decay, s.optimizer)
@@ -279,7 +282,7 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
             if run.is_main:
                 print(f"--resume: no checkpoint in {checkpoint_dir}, starting from scratch")
         else:
-            start_step, history = _restore(latest, model, optimizer, sampler, run)
+            start_step, history = _restore(latest, model, optimizer, sampler, run, s.fsdp)
             if run.is_main:
                 print(f"resumed from {latest} at step {start_step}")
     if run.is_main:
@@ -289,7 +292,7 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
         _rewrite_metrics(out / "metrics.jsonl", history)
 
     train_model = model
-    if run.enabled:
+    if run.enabled and not s.fsdp:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if s.compile:
         train_model = torch.compile(train_model)
@@ -314,7 +317,7 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
         train_model.train()
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1 or not run.enabled
-            with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast:
+            with _gradient_sync(train_model, sync, s.fsdp), autocast:
                 loss_sum, _, step_metrics = stage.loss_fn(train_model, batch)
                 (loss_sum * run.world_size / global_tokens).backward()
             loss_total += loss_sum.detach().float()
@@ -341,7 +344,8 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
         last_step = step + 1 == total_steps or _out_of_time(s, started, run, device)
         if stage.val_rows is not None and s.eval_every and ((step + 1) % s.eval_every == 0 or last_step):
             metrics["val_loss"] = evaluate(model, stage, s, run, device, autocast)
-        if run.is_main and s.sample_every and ((step + 1) % s.sample_every == 0 or last_step):
+        # Sampling runs on rank 0 alone, which a sharded model cannot do (every forward gathers shards).
+        if run.is_main and s.sample_every and not s.fsdp and ((step + 1) % s.sample_every == 0 or last_step):
             metrics["samples"] = _samples(model, tokenizer, stage)
         history.append(metrics)
         if run.is_main:
@@ -350,15 +354,51 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
             progress.update(metrics, step + 1 - start_step, time.perf_counter() - started)
         if (s.save_every and (step + 1) % s.save_every == 0) or last_step:
             _save_training_checkpoint(checkpoint_dir, step + 1, model, tokenizer, optimizer, sampler, history,
-                                      run, s.keep_last, config_record)
+                                      run, s.keep_last, config_record, s.fsdp)
         if last_step:
             break
     progress.close()
+    weights, _ = _full_state(model, None, s.fsdp)
     if run.is_main:
-        save_checkpoint(model, out / "model", tokenizer=tokenizer, dtype=torch.float32)
+        save_checkpoint(model, out / "model", tokenizer=tokenizer, dtype=torch.float32, state_dict=weights)
         print(f"saved {out / 'model'}")
     run.barrier()
     return metrics
+
+
+def _shard(model: NanoMind, run: Distributed, s: TrainSettings) -> None:
+    """FSDP2: each block's parameters (and their gradients and optimizer state) live split over the
+    processes and are gathered only while that block computes."""
+    from torch.distributed.fsdp import fully_shard
+
+    if not run.enabled:
+        raise TrainingError("--fsdp shards over processes: launch with torchrun --nproc_per_node N")
+    if s.optimizer != "adamw":
+        raise TrainingError("--fsdp works with --optimizer adamw only")
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def _gradient_sync(train_model, sync: bool, fsdp: bool):
+    """Skip the gradient all-reduce / reduce-scatter on all but the last micro-step of accumulation."""
+    if fsdp:
+        train_model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync else train_model.no_sync()
+
+
+def _full_state(model, optimizer, fsdp: bool) -> tuple[dict, dict | None]:
+    """Unsharded model (and optimizer) state. With FSDP every rank must call this (it gathers)."""
+    if not fsdp:
+        return model.state_dict(), (optimizer.state_dict() if optimizer is not None else None)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optimizer_state = (get_optimizer_state_dict(model, optimizer.optimizers, options=options)
+                       if optimizer is not None else None)
+    return weights, optimizer_state
 
 
 def _total_steps(s: TrainSettings, sampler: RowSampler) -> int:
@@ -453,35 +493,44 @@ def _rng_state() -> dict:
 
 
 def _save_training_checkpoint(checkpoint_dir: Path, step: int, model, tokenizer, optimizer, sampler,
-                              history, run: Distributed, keep_last: int, config_record) -> None:
+                              history, run: Distributed, keep_last: int, config_record, fsdp: bool) -> None:
+    weights, optimizer_state = _full_state(model, optimizer, fsdp)
     rng_states = [None] * run.world_size
     if run.enabled:
         dist.all_gather_object(rng_states, _rng_state())
     else:
         rng_states = [_rng_state()]
     if run.is_main:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
+        state = {"step": step, "optimizer": optimizer_state, "sampler": sampler.state_dict(), "fsdp": fsdp,
                  "rng": rng_states, "history": history, "config": config_record, "world_size": run.world_size}
 
         def write_state(folder: Path) -> None:
             torch.save(state, folder / "trainer_state.pt")
 
         save_checkpoint(model, checkpoint_dir / f"step-{step:06d}", tokenizer=tokenizer, dtype=torch.float32,
-                        write_extra=write_state)
+                        write_extra=write_state, state_dict=weights)
         steps = sorted((int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := STEP_DIR.match(p.name)))
         for _, old in steps[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     run.barrier()
 
 
-def _restore(folder: Path, model, optimizer, sampler, run: Distributed) -> tuple[int, list]:
+def _restore(folder: Path, model, optimizer, sampler, run: Distributed, fsdp: bool) -> tuple[int, list]:
     state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False)
-    if state["world_size"] != run.world_size:
-        raise TrainingError(f"{folder} was written by {state['world_size']} process(es); resume it with the "
-                            f"same number (got {run.world_size}), so the data order stays the same")
-    restored = load_model(folder, device=next(model.parameters()).device, dtype=torch.float32)
-    model.load_state_dict(restored.state_dict())
-    optimizer.load_state_dict(state["optimizer"])
+    if state["world_size"] != run.world_size or state.get("fsdp", False) != fsdp:
+        raise TrainingError(f"{folder} was written by {state['world_size']} process(es)"
+                            f"{' with --fsdp' if state.get('fsdp') else ''}; resume it the same way (now "
+                            f"{run.world_size}{' with --fsdp' if fsdp else ''}), so the data order stays the same")
+    weights = load_model(folder, dtype=torch.float32).state_dict()
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, weights, options=options)
+        set_optimizer_state_dict(model, optimizer.optimizers, state["optimizer"], options=options)
+    else:
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(state["optimizer"])
     sampler.load_state_dict(state["sampler"])
     rng = state["rng"][run.rank]
     torch.set_rng_state(rng["torch"])
