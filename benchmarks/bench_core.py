@@ -509,9 +509,9 @@ Ratios above 1 mean nanomind is faster. Training: forward + backward + AdamW ste
 AdamW for both), median of the timed steps after warm-up, the two implementations interleaved.
 nanomind is given targets already shifted (loss over T positions per row); transformers is given
 labels = inputs and shifts them itself (loss over T-1 positions): the same work to within one row
-of the cross-entropy. Decode: greedy, batch 1, time for
-all new tokens including the prompt's prefill; transformers uses `generate(do_sample=False,
-min_new_tokens=N)` with its default dynamic cache.
+of the cross-entropy. Decode: greedy, batch 1, time for all new tokens including the prompt's
+prefill; transformers uses `generate(do_sample=False, min_new_tokens=N)` with its default dynamic
+cache.
 
 ### Details
 
