@@ -21,9 +21,19 @@ from pathlib import Path
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
-                        help="torch device, e.g. cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
+                        help="torch device, e.g. cpu, cuda, cuda:1, mps (cuda when available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="weights dtype (default: as saved in the checkpoint)")
+                        help="weights dtype (None: as saved in the checkpoint)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int, temperature: float, top_p: float,
+                      per: str = "to generate") -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"most tokens {per}")
+    parser.add_argument("--temperature", type=float, default=temperature, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling probability mass")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
 
 
 def _cuda_available() -> bool:
@@ -282,12 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
     p.add_argument("--think", action="store_true", help="let the model write its reasoning first (with --chat)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling probability mass")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    add_sampling_args(p, max_new_tokens=128, temperature=0.0, top_p=1.0)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     add_device_args(p)
 
@@ -378,12 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: --model)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--think", action="store_true", help="start with thinking on (toggle with /think)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="most tokens per reply")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling probability mass")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    add_sampling_args(p, max_new_tokens=512, temperature=0.7, top_p=0.9, per="per reply")
     add_device_args(p)
 
     export = sub.add_parser("export", help="export a checkpoint to other formats").add_subparsers(
