@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from conftest import random_model, tiny_config
 from nanomind.checkpoint import save_checkpoint
@@ -58,10 +59,13 @@ def test_conversation_commands_and_multiline_input(model_dir):
 
 
 def test_ctrl_c_stops_the_reply_not_the_program(model_dir, tmp_path):
-    # Random weights almost never write <|im_end|>: the reply would run for thousands of tokens.
+    # A random model whose end-of-text and end-of-turn logits are pinned at 0 (their tied embedding
+    # rows zeroed): some other token always scores higher, so the greedy reply never ends by itself.
     tokenizer = Tokenizer.load(model_dir)
-    save_checkpoint(random_model(tiny_config(vocab_size=tokenizer.vocab_size, max_position_embeddings=8192)),
-                    tmp_path / "random", tokenizer=tokenizer)
+    model = random_model(tiny_config(vocab_size=tokenizer.vocab_size, max_position_embeddings=8192))
+    with torch.no_grad():
+        model.model.embed_tokens.weight[[tokenizer.pad_id, tokenizer.eos_id]] = 0.0
+    save_checkpoint(model, tmp_path / "random", tokenizer=tokenizer)
     process = chat_process(tmp_path / "random", "--max-new-tokens", 8000)
     output = []
     reader = threading.Thread(target=lambda: output.extend(iter(lambda: process.stdout.read(1), "")), daemon=True)
