@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "would type (printed), into its own folder under --out; a rerun skips finished stages.")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
     p.add_argument("--size", choices=["test", "tiny"], default="tiny",
-                   help="test: about a minute, for the test suite; tiny: a few minutes, a model that answers")
+                   help="test: about a minute, for the test suite; tiny: about 5 minutes (time-boxed stages)")
     p.add_argument("--seed", type=int, default=0, help="random seed for data and initialisation")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
