@@ -4,6 +4,12 @@
   nanomind tokenizer train ...      train a byte-level BPE tokenizer with MiniMind's special tokens
   nanomind generate ...             continue a prompt (or chat turn) with a checkpoint
   nanomind convert SRC --out DIR    import a Hugging Face Qwen3 / Qwen3-MoE folder or a MiniMind .pth
+  nanomind prepare ...              tokenize JSONL once into memory-mapped training rows
+  nanomind pretrain ...             pretrain on text (packed rows; torchrun for several processes)
+  nanomind sft ...                  supervised fine-tuning on conversations
+  nanomind lora ...                 train a LoRA adapter (`nanomind lora merge` folds it into the base)
+  nanomind dpo ...                  direct preference optimisation on chosen/rejected pairs
+  nanomind distill --teacher DIR    white-box distillation from a teacher's token distributions
   nanomind presets                  list the model presets and their sizes
   nanomind data synth --out DIR     write the built-in bilingual curriculum (every stage, with eval sets)
   nanomind serve --model DIR        OpenAI-compatible API and web chat page (continuous batching)
@@ -137,21 +143,43 @@ def cmd_tokenizer_train(args):
     print(f"trained a {tokenizer.vocab_size}-token tokenizer in {time.perf_counter() - start:.1f}s -> {args.out}")
 
 
-def cmd_generate(args):
+def load_for_inference(args):
+    """The --model checkpoint (with --adapter on top, unmerged) and its tokenizer."""
     from .checkpoint import load_model
-    from .generation import SamplingParams, stream
     from .tokenizer import Tokenizer
 
     model = load_model(args.model, device=args.device, dtype=_torch_dtype(args.dtype))
-    tokenizer = Tokenizer.load(args.tokenizer or args.model)
+    if getattr(args, "adapter", None):
+        from .lora import load_adapter
+        load_adapter(model, args.adapter)
+    return model, Tokenizer.load(args.tokenizer or args.model)
+
+
+def sampling_params(args, **extra):
+    from .generation import SamplingParams
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, **extra)
+
+
+def cmd_generate(args):
+    from .generation import stream
+
+    if (args.prompt is None) == (args.data is None):
+        raise ValueError("pass either --prompt TEXT or --data PROMPTS.jsonl (with --out)")
+    if args.data is not None and args.out is None:
+        raise ValueError("--data needs --out FILE for the generated conversations")
+    model, tokenizer = load_for_inference(args)
+    params = sampling_params(args, stop=args.stop or ())
+    if args.data is not None:
+        from .distill import write_teacher_answers
+        write_teacher_answers(model, tokenizer, args.data, args.out, params, batch_size=args.batch_size,
+                              thinking=args.think, skip_bad=args.skip_bad)
+        return
     prompt = args.prompt
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": prompt})
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, open_thinking=args.think)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                            stop=args.stop or ())
     text = stream(model, tokenizer, prompt, params)
     start = time.perf_counter()
     if not args.chat:
@@ -206,6 +234,26 @@ def cmd_sft(args):
     sft(args)
 
 
+def cmd_lora(args):
+    from .lora import main as lora
+    lora(args)
+
+
+def cmd_lora_merge(args):
+    from .lora import merge_main
+    merge_main(args)
+
+
+def cmd_dpo(args):
+    from .dpo import main as dpo
+    dpo(args)
+
+
+def cmd_distill(args):
+    from .distill import main as distill
+    distill(args)
+
+
 def cmd_presets(args):
     from .model import NanoMind, PRESETS, preset_config
     print(f"{'preset':10} {'params':>10} {'active':>10}  hidden layers heads kv head_dim mlp experts")
@@ -223,21 +271,15 @@ def cmd_serve(args):
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("NANOMIND_API_KEY"),
           model_name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
           default_max_tokens=args.max_tokens, device=args.device, dtype=_torch_dtype(args.dtype),
-          tokenizer_dir=args.tokenizer)
+          tokenizer_dir=args.tokenizer, adapter_dir=args.adapter)
 
 
 
 def cmd_chat(args):
     from .chat import ChatSession, run_chat
-    from .checkpoint import load_model
-    from .generation import SamplingParams
-    from .tokenizer import Tokenizer
 
-    model = load_model(args.model, device=args.device, dtype=_torch_dtype(args.dtype))
-    tokenizer = Tokenizer.load(args.tokenizer or args.model)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    run_chat(ChatSession(model, tokenizer, params, system=args.system, thinking=args.think,
+    model, tokenizer = load_for_inference(args)
+    run_chat(ChatSession(model, tokenizer, sampling_params(args), system=args.system, thinking=args.think,
                          color=sys.stdout.isatty()))
 
 
@@ -284,11 +326,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--max-lines", type=int, default=None, help="read at most this many lines per file")
 
-    p = command("generate", cmd_generate, "continue a prompt with a checkpoint",
-                "Stream a continuation of --prompt (or, with --chat, an assistant reply to it) and report tokens/s.")
+    p = command("generate", cmd_generate, "continue a prompt with a checkpoint, or answer a file of prompts",
+                "Stream a continuation of --prompt (or, with --chat, an assistant reply to it) and report tokens/s. "
+                "With --data PROMPTS.jsonl --out SFT.jsonl, answer every conversation of the file in batches "
+                "and write them in MiniMind's SFT format (black-box distillation: `nanomind sft` trains on it).")
     p.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    p.add_argument("--adapter", type=Path, default=None, help="LoRA adapter folder applied on top of --model")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: --model)")
-    p.add_argument("--prompt", required=True, help="text to continue, or the user message with --chat")
+    p.add_argument("--prompt", default=None, help="text to continue, or the user message with --chat")
+    p.add_argument("--data", type=Path, default=None,
+                   help="JSONL of conversations (SFT or RL-prompt format) to answer; a trailing assistant turn "
+                        "is replaced by the model's answer")
+    p.add_argument("--out", type=Path, default=None, help="with --data: the SFT JSONL to write")
+    p.add_argument("--batch-size", type=int, default=16, help="with --data: prompts decoded together")
+    p.add_argument("--skip-bad", action="store_true", help="with --data: skip bad lines and report them")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
     p.add_argument("--think", action="store_true", help="let the model write its reasoning first (with --chat)")
@@ -355,6 +406,53 @@ def build_parser() -> argparse.ArgumentParser:
                 "tool calls. Works under torchrun unchanged.")
     add_training_args(p, default_lr=5e-4)
 
+    p = command("lora", cmd_lora, "train a LoRA adapter on conversations (the base model stays frozen)",
+                "Add low-rank adapters to the --target-modules of --init-from and train only them, on SFT data. "
+                "Writes OUT/adapter in PEFT's layout (peft.PeftModel.from_pretrained loads it). Use it with "
+                "`generate/chat/serve --adapter`, or fold it in with `nanomind lora merge`.")
+    add_training_args(p, default_lr=1e-3)
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=8, help="adapter rank r")
+    g.add_argument("--alpha", type=float, default=16.0, help="scale: the update is (alpha / rank) * B @ A")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
+    g.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated names of the linear layers that get adapters (MoE experts included)")
+    p = command("lora-merge", cmd_lora_merge, "fold a LoRA adapter into its base: a full checkpoint "
+                "(also typed `nanomind lora merge`)")
+    p.prog = "nanomind lora merge"
+    p.add_argument("--model", type=Path, required=True, help="base checkpoint directory")
+    p.add_argument("--adapter", type=Path, required=True, help="adapter folder (from `nanomind lora`)")
+    p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="save weights in this dtype (default: the base's)")
+
+    p = command("dpo", cmd_dpo, "direct preference optimisation on chosen/rejected conversation pairs",
+                "Train --init-from to prefer `chosen` over `rejected` against a frozen copy of itself (the "
+                "reference). Log-probabilities are summed over the assistant tokens. Works under torchrun.")
+    add_training_args(p, default_lr=1e-6)
+    g = p.add_argument_group("DPO")
+    g.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
+    g.add_argument("--loss", choices=["sigmoid", "ipo", "hinge"], default="sigmoid",
+                   help="sigmoid: standard DPO; ipo: squared distance to 1/(2 beta); hinge: max(0, 1 - beta * margin)")
+    g.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="sigmoid loss: assumed share of flipped preference labels (conservative DPO)")
+    g.add_argument("--rpo-alpha", type=float, default=0.0,
+                   help="weight of an added SFT loss on the chosen answers (0 = off)")
+    g.add_argument("--precompute-ref", action="store_true",
+                   help="score the reference once before training and cache it in OUT (no reference in memory)")
+
+    p = command("distill", cmd_distill, "white-box distillation: match a teacher's next-token distributions",
+                "Train the student (--init-from, or a --preset) on conversations with "
+                "alpha * CE + (1 - alpha) * T^2 * KL(teacher, student) on the assistant tokens. Teacher and "
+                "student must share the tokenizer; the teacher may be larger, dense or MoE.")
+    add_training_args(p, default_lr=5e-4)
+    g = p.add_argument_group("distillation")
+    g.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint directory")
+    g.add_argument("--alpha", type=float, default=0.5, help="weight of the cross-entropy on the data (1 - alpha: KL)")
+    g.add_argument("--temperature", type=float, default=1.0, help="softens both distributions in the KL term")
+    g.add_argument("--kl", choices=["forward", "reverse"], default="forward",
+                   help="forward: KL(teacher || student), mass-covering; reverse: KL(student || teacher), mode-seeking")
+
     command("presets", cmd_presets, "list the model presets and their parameter counts")
 
     p = command("serve", cmd_serve, "serve a checkpoint over an OpenAI-compatible HTTP API, with a web chat page",
@@ -362,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "GET /health, and a chat page at /. One engine thread decodes all requests together "
                 "(continuous batching).")
     p.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    p.add_argument("--adapter", type=Path, default=None, help="LoRA adapter folder applied on top of --model")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
     p.add_argument("--port", type=int, default=8998, help="TCP port")
@@ -380,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "/system TEXT, /exit. End a line with \\ (or wrap lines in \"\"\") for a multi-line message. "
                 "Ctrl-C stops the reply being written, not the program.")
     p.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    p.add_argument("--adapter", type=Path, default=None, help="LoRA adapter folder applied on top of --model")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: --model)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--think", action="store_true", help="start with thinking on (toggle with /think)")
@@ -439,6 +539,8 @@ def expand_config_file(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = expand_config_file(list(sys.argv[1:] if argv is None else argv))
+    if argv[:2] == ["lora", "merge"]:
+        argv = ["lora-merge", *argv[2:]]
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -9,5 +9,5 @@ SAMPLE_PROMPTS = ["The colour of grass is", "3 plus 4 equals", "北京是", "Onc
 
 
 def main(args) -> dict:
-    return run_stage(args, "pretrain", lambda train_rows, val_rows: Stage(
-        "pretrain", train_rows, val_rows, token_loss, sample_prompts=SAMPLE_PROMPTS))
+    return run_stage(args, "pretrain", lambda inputs: Stage(
+        "pretrain", inputs.train_rows, inputs.val_rows, token_loss, sample_prompts=SAMPLE_PROMPTS))

@@ -10,5 +10,5 @@ SAMPLE_PROMPTS = ["What is 3 plus 4?", "你好，你是谁？", "What colour is 
 
 
 def main(args) -> dict:
-    return run_stage(args, "sft", lambda train_rows, val_rows: Stage(
-        "sft", train_rows, val_rows, token_loss, sample_prompts=SAMPLE_PROMPTS, chat_samples=True))
+    return run_stage(args, "sft", lambda inputs: Stage(
+        "sft", inputs.train_rows, inputs.val_rows, token_loss, sample_prompts=SAMPLE_PROMPTS, chat_samples=True))

@@ -126,6 +126,19 @@ class RowSampler:
 # What a stage provides
 
 
+def trained_tokens(batch: dict) -> torch.Tensor:
+    return (batch["targets"] != -100).sum()
+
+
+def save_full_model(model, folder: Path, tokenizer, weights: dict, write_extra=None) -> None:
+    save_checkpoint(model, folder, tokenizer=tokenizer, dtype=torch.float32, write_extra=write_extra,
+                    state_dict=weights)
+
+
+def load_full_weights(model, folder: Path) -> dict:
+    return load_model(folder, dtype=torch.float32).state_dict()
+
+
 @dataclass
 class Stage:
     """One training stage: its data and its loss, on top of the shared loop."""
@@ -133,23 +146,42 @@ class Stage:
     name: str
     train_rows: object  # has __len__ and rows(indices) -> dict of (B, ...) tensors
     val_rows: object | None
-    # loss_fn(model, batch) -> (sum of per-token losses, number of loss tokens, metrics dict)
+    # loss_fn(model, batch) -> (sum of the per-unit losses, number of units, metrics dict)
     loss_fn: object
+    # count_fn(batch) -> number of units the loss averages over: trained tokens, DPO pairs, ...
+    # Known before the forward, so a step normalises by the whole global batch.
+    count_fn: object = trained_tokens
     sample_prompts: list[str] = field(default_factory=list)
     chat_samples: bool = False
+    # What the stage writes (the full model, or only a LoRA adapter), and how a resume reads it back:
+    # save_fn(model, folder, tokenizer, weights, write_extra) writes atomically; load_fn(model, folder)
+    # returns the state dict to load (every trained tensor).
+    save_fn: object = save_full_model
+    load_fn: object = load_full_weights
+    output_name: str = "model"  # the final result goes to OUT/output_name
 
 
 def token_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Next-token cross-entropy summed over the trained tokens (+ the MoE balance loss)."""
     out = model(batch["inputs"], targets=batch["targets"])
-    n_tokens = (batch["targets"] != -100).sum()
+    n_tokens = trained_tokens(batch)
     loss_sum = out.loss * n_tokens
     metrics = {}
     if out.aux_loss is not None:
-        unwrapped = model.module if isinstance(model, DistributedDataParallel) else model
-        loss_sum = loss_sum + unwrapped.config.router_aux_loss_coef * out.aux_loss * n_tokens
+        loss_sum = loss_sum + unwrap(model).config.router_aux_loss_coef * out.aux_loss * n_tokens
         metrics["aux_loss"] = out.aux_loss.detach()
     return loss_sum, n_tokens, metrics
+
+
+def unwrap(model):
+    """The NanoMind inside a DDP (and/or torch.compile) wrapper."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,7 +318,7 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
             if run.is_main:
                 print(f"--resume: no checkpoint in {checkpoint_dir}, starting from scratch")
         else:
-            start_step, history = _restore(latest, model, optimizer, sampler, run, s.fsdp)
+            start_step, history = _restore(latest, stage, model, optimizer, sampler, run, s.fsdp)
             if run.is_main:
                 print(f"resumed from {latest} at step {start_step}")
     if run.is_main:
@@ -314,7 +346,7 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
         batches = [_to_device(stage.train_rows.rows(sampler.next_rows()), device) for _ in range(s.grad_accum)]
         # Normalise by the trained tokens of the whole global step, so every token weighs the same
         # whatever rank or micro-batch it landed in (DDP then averages gradients over ranks).
-        local_tokens = sum((b["targets"] != -100).sum() for b in batches).float()
+        local_tokens = sum(stage.count_fn(b) for b in batches).float()
         global_tokens = run.all_reduce_sum(local_tokens.clone()).clamp(min=1)
         loss_total = torch.zeros((), device=device)
         extra: dict[str, torch.Tensor] = {}
@@ -347,7 +379,7 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
             metrics["mfu"] = flops_per_token * tokens / elapsed / (run.world_size * _peak_flops(device))
         last_step = step + 1 == total_steps or _out_of_time(s, started, run, device)
         if stage.val_rows is not None and s.eval_every and ((step + 1) % s.eval_every == 0 or last_step):
-            metrics["val_loss"] = evaluate(model, stage, s, run, device, autocast)
+            metrics.update(evaluate(model, stage, s, run, device, autocast))
         # Sampling runs on rank 0 alone, which a sharded model cannot do (every forward gathers shards).
         if run.is_main and s.sample_every and not s.fsdp and ((step + 1) % s.sample_every == 0 or last_step):
             metrics["samples"] = _samples(model, tokenizer, stage)
@@ -357,15 +389,15 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
                 f.write(json.dumps(metrics, ensure_ascii=False) + "\n")
             progress.update(metrics, step + 1 - start_step, time.perf_counter() - started)
         if (s.save_every and (step + 1) % s.save_every == 0) or last_step:
-            _save_training_checkpoint(checkpoint_dir, step + 1, model, tokenizer, optimizer, sampler, history,
+            _save_training_checkpoint(stage, checkpoint_dir, step + 1, model, tokenizer, optimizer, sampler, history,
                                       run, s.keep_last, config_record, s.fsdp)
         if last_step:
             break
     progress.close()
     weights, _ = _full_state(model, None, s.fsdp)
     if run.is_main:
-        save_checkpoint(model, out / "model", tokenizer=tokenizer, dtype=torch.float32, state_dict=weights)
-        print(f"saved {out / 'model'}")
+        stage.save_fn(model, out / stage.output_name, tokenizer, weights)
+        print(f"saved {out / stage.output_name}")
     run.barrier()
     return metrics
 
@@ -443,23 +475,34 @@ def _to_device(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, stage: Stage, s: TrainSettings, run: Distributed, device, autocast) -> float:
-    """Mean loss per trained token over the first `eval_batches` validation batches (all ranks)."""
+def evaluate(model, stage: Stage, s: TrainSettings, run: Distributed, device, autocast) -> dict:
+    """`val_loss` (mean loss per unit) and the stage's metrics (`val_*`, mean per batch) over the first
+    `eval_batches` validation batches, on all ranks."""
     model.eval()
     n = len(stage.val_rows)
-    total, tokens = torch.zeros((), device=device), torch.zeros((), device=device)
+    total, units = torch.zeros((), device=device), torch.zeros((), device=device)
+    metric_sums: dict[str, torch.Tensor] = {}
+    batches = torch.zeros((), device=device)
     order = torch.arange(n)
     per_batch = s.batch_size * run.world_size
-    for b in range(min(s.eval_batches, math.ceil(n / per_batch))):
-        rows = order[b * per_batch + run.rank * s.batch_size: b * per_batch + (run.rank + 1) * s.batch_size]
-        if len(rows) == 0:
-            continue
-        with autocast:
-            loss_sum, n_tokens, _ = stage.loss_fn(model, _to_device(stage.val_rows.rows(rows), device))
-        total += loss_sum.float()
-        tokens += n_tokens
+    with torch.no_grad():
+        for b in range(min(s.eval_batches, math.ceil(n / per_batch))):
+            rows = order[b * per_batch + run.rank * s.batch_size: b * per_batch + (run.rank + 1) * s.batch_size]
+            if len(rows) == 0:
+                continue
+            with autocast:
+                loss_sum, n_units, batch_metrics = stage.loss_fn(model, _to_device(stage.val_rows.rows(rows), device))
+            total += loss_sum.float()
+            units += n_units
+            batches += 1
+            for k, v in batch_metrics.items():
+                metric_sums[k] = metric_sums.get(k, torch.zeros((), device=device)) + v.float()
     model.train()
-    return (run.all_reduce_sum(total) / run.all_reduce_sum(tokens).clamp(min=1)).item()
+    batches = run.all_reduce_sum(batches).clamp(min=1)
+    # Every rank must reduce the same keys in the same order: a rank without a batch has none.
+    keys = sorted(metric_sums)
+    return {"val_loss": (run.all_reduce_sum(total) / run.all_reduce_sum(units).clamp(min=1)).item(),
+            **{f"val_{k}": (run.all_reduce_sum(metric_sums[k]) / batches).item() for k in keys}}
 
 
 def _samples(model, tokenizer, stage: Stage) -> list[str]:
@@ -496,7 +539,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _save_training_checkpoint(checkpoint_dir: Path, step: int, model, tokenizer, optimizer, sampler,
+def _save_training_checkpoint(stage: Stage, checkpoint_dir: Path, step: int, model, tokenizer, optimizer, sampler,
                               history, run: Distributed, keep_last: int, config_record, fsdp: bool) -> None:
     weights, optimizer_state = _full_state(model, optimizer, fsdp)
     rng_states = [None] * run.world_size
@@ -511,21 +554,21 @@ def _save_training_checkpoint(checkpoint_dir: Path, step: int, model, tokenizer,
         def write_state(folder: Path) -> None:
             torch.save(state, folder / "trainer_state.pt")
 
-        save_checkpoint(model, checkpoint_dir / f"step-{step:06d}", tokenizer=tokenizer, dtype=torch.float32,
-                        write_extra=write_state, state_dict=weights)
+        stage.save_fn(model, checkpoint_dir / f"step-{step:06d}", tokenizer, weights, write_state)
         steps = sorted((int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := STEP_DIR.match(p.name)))
         for _, old in steps[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     run.barrier()
 
 
-def _restore(folder: Path, model, optimizer, sampler, run: Distributed, fsdp: bool) -> tuple[int, list]:
+def _restore(folder: Path, stage: Stage, model, optimizer, sampler, run: Distributed,
+             fsdp: bool) -> tuple[int, list]:
     state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False)
     if state["world_size"] != run.world_size or state.get("fsdp", False) != fsdp:
         raise TrainingError(f"{folder} was written by {state['world_size']} process(es)"
                             f"{' with --fsdp' if state.get('fsdp') else ''}; resume it the same way (now "
                             f"{run.world_size}{' with --fsdp' if fsdp else ''}), so the data order stays the same")
-    weights = load_model(folder, dtype=torch.float32).state_dict()
+    weights = stage.load_fn(model, folder)
     if fsdp:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
@@ -533,7 +576,14 @@ def _restore(folder: Path, model, optimizer, sampler, run: Distributed, fsdp: bo
         set_model_state_dict(model, weights, options=options)
         set_optimizer_state_dict(model, optimizer.optimizers, state["optimizer"], options=options)
     else:
-        model.load_state_dict(weights)
+        if stage.load_fn is load_full_weights:
+            model.load_state_dict(weights)
+        else:  # a partial state (an adapter): it must hold every trained tensor, and nothing unknown
+            missing = {n for n, p in model.named_parameters() if p.requires_grad} - weights.keys()
+            unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
+            if missing or unexpected:
+                raise TrainingError(f"{folder}: does not match the model being trained (missing "
+                                    f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
         optimizer.load_state_dict(state["optimizer"])
     sampler.load_state_dict(state["sampler"])
     rng = state["rng"][run.rank]
@@ -597,9 +647,23 @@ def _duration(seconds: float) -> str:
 # From command-line options to a running stage (shared by every stage command)
 
 
+@dataclass
+class StageInputs:
+    """What `run_stage` has set up for a stage to build on."""
+
+    args: object  # the parsed command line
+    train_rows: object
+    val_rows: object | None
+    model: NanoMind  # the model to train (a stage may add adapters to it)
+    tokenizer: object
+    run: Distributed
+    device: torch.device
+    data_dir: Path  # the prepared data folder
+
+
 def run_stage(args, kind: str, make_stage) -> dict:
     """Set up devices, tokenizer, data (preparing raw JSONL on the fly), model and settings from the
-    shared options, build the stage with `make_stage(train_rows, val_rows)`, and train it."""
+    shared options, build the stage with `make_stage(StageInputs)`, and train it."""
     from .model import preset_config
     from .prepare import PrepareOptions, load_manifest, open_rows, prepare
     from .tokenizer import Tokenizer
@@ -639,7 +703,8 @@ def run_stage(args, kind: str, make_stage) -> dict:
     settings = TrainSettings(**{f: getattr(args, f) for f in TrainSettings.__dataclass_fields__ if hasattr(args, f)})
     record = {"stage": kind, "data": str(data_dir), **{k: v for k, v in vars(args).items() if k != "func"}}
     try:
-        return train(make_stage(train_rows, val_rows), model, tokenizer, settings, run, device, record)
+        stage = make_stage(StageInputs(args, train_rows, val_rows, model, tokenizer, run, device, data_dir))
+        return train(stage, model, tokenizer, settings, run, device, record)
     finally:
         if run.enabled:
             dist.destroy_process_group()
