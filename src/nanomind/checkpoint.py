@@ -10,6 +10,7 @@ MiniMind `.pth` state dict.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -125,6 +126,21 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
 # Saving
 
 
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | Path):
+    """Yield an empty temporary folder next to `out_dir`; when the block succeeds it replaces `out_dir`
+    in one rename, when it fails it is removed: readers see the old folder or the new one, never half."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        _replace_directory(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_checkpoint(model: NanoMind, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | None = None,
                     write_extra: Callable[[Path], None] | None = None, state_dict: dict | None = None) -> Path:
     """Write a transformers-loadable checkpoint directory atomically (temp dir, then rename).
@@ -132,11 +148,8 @@ def save_checkpoint(model: NanoMind, out_dir: str | Path, tokenizer=None, dtype:
     `write_extra(folder)` may add files (e.g. a trainer's resume state) before the rename, so they
     appear together with the weights or not at all. `state_dict` replaces the model's own (a sharded
     model passes its gathered, full weights)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     dtype = dtype or next(model.parameters()).dtype
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         weights = state_dict if state_dict is not None else model.state_dict()
         tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in weights.items()}
         if model.config.tie_word_embeddings:
@@ -153,11 +166,7 @@ def save_checkpoint(model: NanoMind, out_dir: str | Path, tokenizer=None, dtype:
             tokenizer.save(tmp)
         if write_extra is not None:
             write_extra(tmp)
-        _replace_directory(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def _write_json(path: Path, obj) -> None:

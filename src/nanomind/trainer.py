@@ -703,6 +703,7 @@ def run_stage(args, kind: str, make_stage) -> dict:
     settings = TrainSettings(**{f: getattr(args, f) for f in TrainSettings.__dataclass_fields__ if hasattr(args, f)})
     record = {"stage": kind, "data": str(data_dir), **{k: v for k, v in vars(args).items() if k != "func"}}
     try:
+        torch.manual_seed(args.seed)  # what a stage initialises (adapters, heads) is the same on every run
         stage = make_stage(StageInputs(args, train_rows, val_rows, model, tokenizer, run, device, data_dir))
         return train(stage, model, tokenizer, settings, run, device, record)
     finally:

@@ -522,7 +522,8 @@ def generation_defaults(model_dir: Path) -> dict:
 
 def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8998, api_key: str | None = None,
           model_name: str | None = None, max_batch: int = 16, max_queue: int = 64, default_max_tokens: int = 1024,
-          device: str = "cpu", dtype=None, tokenizer_dir: str | Path | None = None) -> None:
+          device: str = "cpu", dtype=None, tokenizer_dir: str | Path | None = None,
+          adapter_dir: str | Path | None = None) -> None:
     import uvicorn
 
     from ..checkpoint import load_model
@@ -530,6 +531,9 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8998, api_
 
     model_dir = Path(model_dir)
     model = load_model(model_dir, device=device, dtype=dtype)
+    if adapter_dir is not None:
+        from ..lora import load_adapter
+        load_adapter(model, adapter_dir)
     tokenizer = Tokenizer.load(tokenizer_dir or model_dir)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue).start()
     config = ServerConfig(model_name=model_name or model_dir.resolve().name, api_key=api_key,
