@@ -122,6 +122,31 @@ class RowSampler:
         self.epoch, self.cursor, self._order = state["epoch"], state["cursor"], None
 
 
+class RowBatches:
+    """The usual batch source: micro-batches of prepared rows in RowSampler's order. A stage may
+    bring another source with the same methods (RL generates its batches from the model)."""
+
+    def __init__(self, rows, sampler: RowSampler):
+        self.rows, self.sampler = rows, sampler
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def next_batches(self, n: int) -> list[dict]:
+        return [self.rows.rows(self.sampler.next_rows()) for _ in range(n)]
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
 # ----------------------------------------------------------------------------------------------
 # What a stage provides
 
@@ -159,6 +184,8 @@ class Stage:
     save_fn: object = save_full_model
     load_fn: object = load_full_weights
     output_name: str = "model"  # the final result goes to OUT/output_name
+    # Where each step's micro-batches come from (None: RowBatches over train_rows). See RowBatches.
+    batch_source: object = None
 
 
 def token_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -306,8 +333,9 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
     model.to(device)
     if s.fsdp:
         _shard(model, run, s)
-    sampler = RowSampler(len(stage.train_rows), s.batch_size, run, s.seed)
-    total_steps = _total_steps(s, sampler)
+    source = stage.batch_source or RowBatches(stage.train_rows,
+                                              RowSampler(len(stage.train_rows), s.batch_size, run, s.seed))
+    total_steps = _total_steps(s, source)
     optimizer = build_optimizer(model, s.lr, s.weight_decay, s.optimizer)
     start_step, history = 0, []
 
@@ -318,7 +346,7 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
             if run.is_main:
                 print(f"--resume: no checkpoint in {checkpoint_dir}, starting from scratch")
         else:
-            start_step, history = _restore(latest, stage, model, optimizer, sampler, run, s.fsdp)
+            start_step, history = _restore(latest, stage, model, optimizer, source, run, s.fsdp)
             if run.is_main:
                 print(f"resumed from {latest} at step {start_step}")
     if run.is_main:
@@ -343,7 +371,7 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
         lr = learning_rate(step, total_steps, s.lr, s.warmup_steps, s.schedule, s.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches = [_to_device(stage.train_rows.rows(sampler.next_rows()), device) for _ in range(s.grad_accum)]
+        batches = [_to_device(b, device) for b in source.next_batches(s.grad_accum)]
         # Normalise by the trained tokens of the whole global step, so every token weighs the same
         # whatever rank or micro-batch it landed in (DDP then averages gradients over ranks).
         local_tokens = sum(stage.count_fn(b) for b in batches).float()
@@ -371,7 +399,7 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
         elapsed = time.perf_counter() - step_start
         tokens = int(global_tokens.item())
         metrics = {"step": step + 1, "loss": loss, "lr": lr, "tokens": tokens,
-                   "tokens_per_s": tokens / elapsed, "epoch": sampler.epoch,
+                   "tokens_per_s": tokens / elapsed, "epoch": source.epoch,
                    **{k: (run.all_reduce_sum(v.clone()) / run.world_size).item() for k, v in extra.items()}}
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
@@ -389,7 +417,7 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
                 f.write(json.dumps(metrics, ensure_ascii=False) + "\n")
             progress.update(metrics, step + 1 - start_step, time.perf_counter() - started)
         if (s.save_every and (step + 1) % s.save_every == 0) or last_step:
-            _save_training_checkpoint(stage, checkpoint_dir, step + 1, model, tokenizer, optimizer, sampler, history,
+            _save_training_checkpoint(stage, checkpoint_dir, step + 1, model, tokenizer, optimizer, source, history,
                                       run, s.keep_last, config_record, s.fsdp)
         if last_step:
             break
@@ -437,13 +465,13 @@ def _full_state(model, optimizer, fsdp: bool) -> tuple[dict, dict | None]:
     return weights, optimizer_state
 
 
-def _total_steps(s: TrainSettings, sampler: RowSampler) -> int:
+def _total_steps(s: TrainSettings, source) -> int:
     if s.max_steps:
         return s.max_steps
     epochs = s.epochs if s.epochs else (None if s.time_budget else 1)
     if epochs is None:
         return 10**12  # until the time budget runs out
-    return max(1, int(epochs * sampler.batches_per_epoch / s.grad_accum))
+    return max(1, int(epochs * source.batches_per_epoch / s.grad_accum))
 
 
 def _out_of_time(s: TrainSettings, started: float, run: Distributed, device) -> bool:
@@ -539,7 +567,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _save_training_checkpoint(stage: Stage, checkpoint_dir: Path, step: int, model, tokenizer, optimizer, sampler,
+def _save_training_checkpoint(stage: Stage, checkpoint_dir: Path, step: int, model, tokenizer, optimizer, source,
                               history, run: Distributed, keep_last: int, config_record, fsdp: bool) -> None:
     weights, optimizer_state = _full_state(model, optimizer, fsdp)
     rng_states = [None] * run.world_size
@@ -548,7 +576,7 @@ def _save_training_checkpoint(stage: Stage, checkpoint_dir: Path, step: int, mod
     else:
         rng_states = [_rng_state()]
     if run.is_main:
-        state = {"step": step, "optimizer": optimizer_state, "sampler": sampler.state_dict(), "fsdp": fsdp,
+        state = {"step": step, "optimizer": optimizer_state, "sampler": source.state_dict(), "fsdp": fsdp,
                  "rng": rng_states, "history": history, "config": config_record, "world_size": run.world_size}
 
         def write_state(folder: Path) -> None:
@@ -561,7 +589,7 @@ def _save_training_checkpoint(stage: Stage, checkpoint_dir: Path, step: int, mod
     run.barrier()
 
 
-def _restore(folder: Path, stage: Stage, model, optimizer, sampler, run: Distributed,
+def _restore(folder: Path, stage: Stage, model, optimizer, source, run: Distributed,
              fsdp: bool) -> tuple[int, list]:
     state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False)
     if state["world_size"] != run.world_size or state.get("fsdp", False) != fsdp:
@@ -585,7 +613,7 @@ def _restore(folder: Path, stage: Stage, model, optimizer, sampler, run: Distrib
                 raise TrainingError(f"{folder}: does not match the model being trained (missing "
                                     f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
         optimizer.load_state_dict(state["optimizer"])
-    sampler.load_state_dict(state["sampler"])
+    source.load_state_dict(state["sampler"])
     rng = state["rng"][run.rank]
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
