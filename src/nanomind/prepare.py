@@ -437,9 +437,39 @@ class PackedRows:
         return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:].masked_fill(~mask[:, 1:], -100)}
 
 
+class PreferenceRows:
+    """DPO pairs: row i is (chosen i, rejected i). A batch of B pairs is one (2B, T) batch, the B chosen
+    rows first, then the B rejected rows, right-padded to its longest sequence; targets are the next
+    tokens on the assistant turns, -100 elsewhere (prompt and padding)."""
+
+    def __init__(self, chosen: TokenStore, rejected: TokenStore, pad_id: int):
+        if len(chosen.offsets) != len(rejected.offsets):
+            raise DataError("prepared DPO data: the chosen and rejected sets differ in length; prepare it again")
+        self.stores, self.pad_id = (chosen, rejected), pad_id
+
+    def __len__(self) -> int:
+        return len(self.stores[0].offsets) - 1
+
+    def rows(self, indices) -> dict:
+        indices = np.asarray(indices)
+        spans = [(store, int(store.offsets[i]), int(store.offsets[i + 1])) for store in self.stores for i in indices]
+        length = max(end - start for _, start, end in spans)
+        tokens = np.full((len(spans), length), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(spans), length), dtype=bool)
+        for r, (store, start, end) in enumerate(spans):
+            tokens[r, :end - start] = store.tokens[start:end]
+            mask[r, :end - start] = store.mask[start:end]
+        tokens, mask = torch.from_numpy(tokens), torch.from_numpy(mask)
+        return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:].masked_fill(~mask[:, 1:], -100)}
+
+
 def open_rows(prepared_dir, split: str, manifest: dict, pad_id: int):
-    """The training rows of one split of a prepared pretrain or SFT folder (None if it is empty)."""
+    """The training rows of one split of a prepared pretrain, SFT or DPO folder (None if it is empty)."""
     folder = Path(prepared_dir)
+    if manifest["kind"] == "dpo":
+        rows = PreferenceRows(TokenStore(folder, f"{split}.dpo.chosen", manifest["dtype"]),
+                              TokenStore(folder, f"{split}.dpo.rejected", manifest["dtype"]), pad_id)
+        return rows if len(rows) else None
     store = TokenStore(folder, split, manifest["dtype"])
     rows = (PretrainRows(store, manifest["seq_len"], pad_id) if manifest["kind"] == "pretrain"
             else PackedRows(store))

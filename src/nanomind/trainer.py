@@ -360,7 +360,7 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if s.compile:
         train_model = torch.compile(train_model)
-    autocast = _autocast(device, s.precision)
+    autocast = autocast_context(device, s.precision)
     flops_per_token = 6 * model.num_parameters(active_only=True)
     progress = ProgressPrinter(total_steps, enabled=run.is_main, time_budget=s.time_budget)
     started = time.perf_counter()
@@ -372,10 +372,14 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
         for group in optimizer.param_groups:
             group["lr"] = lr
         batches = [_to_device(b, device) for b in source.next_batches(s.grad_accum)]
-        # Normalise by the trained tokens of the whole global step, so every token weighs the same
-        # whatever rank or micro-batch it landed in (DDP then averages gradients over ranks).
-        local_tokens = sum(stage.count_fn(b) for b in batches).float()
-        global_tokens = run.all_reduce_sum(local_tokens.clone()).clamp(min=1)
+        # Normalise by the loss units (trained tokens, pairs...) of the whole global step, so every unit
+        # weighs the same whatever rank or micro-batch it landed in (DDP then averages gradients over
+        # ranks). Throughput counts every token the model reads.
+        local = torch.stack([sum(stage.count_fn(b) for b in batches).float().to(device),
+                             torch.tensor(float(sum(b["inputs"].numel() for b in batches if "inputs" in b)),
+                                          device=device)])
+        global_units, global_tokens = run.all_reduce_sum(local).unbind()
+        global_units = global_units.clamp(min=1)
         loss_total = torch.zeros((), device=device)
         extra: dict[str, torch.Tensor] = {}
         train_model.train()
@@ -383,11 +387,11 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
             sync = i == len(batches) - 1 or not run.enabled
             with _gradient_sync(train_model, sync, s.fsdp), autocast:
                 loss_sum, _, step_metrics = stage.loss_fn(train_model, batch)
-                (loss_sum * run.world_size / global_tokens).backward()
+                (loss_sum * run.world_size / global_units).backward()
             loss_total += loss_sum.detach().float()
             for k, v in step_metrics.items():
                 extra[k] = extra.get(k, 0) + v.float() / len(batches)
-        loss = (run.all_reduce_sum(loss_total) / global_tokens).item()
+        loss = (run.all_reduce_sum(loss_total) / global_units).item()
         if not math.isfinite(loss):
             last = latest_checkpoint(checkpoint_dir)
             raise TrainingError(f"the loss became {loss} at step {step + 1}; stopping without saving. "
@@ -482,7 +486,7 @@ def _out_of_time(s: TrainSettings, started: float, run: Distributed, device) -> 
     return run.all_reduce_sum(late).item() > 0
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast_context(device: torch.device, precision: str):
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
