@@ -1,5 +1,6 @@
 """The `nanomind` command as a user runs it: real processes, real files."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -20,17 +21,25 @@ def run(*args, check=True):
     return result
 
 
+def all_commands(parser, words=()):
+    """Every (sub)command's parser, found by walking the subparsers: a new command cannot be missed."""
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subparsers:
+        yield words, parser
+    for action in subparsers:
+        for word, sub in action.choices.items():
+            yield from all_commands(sub, (*words, word))
+
+
 def test_every_command_documents_every_flag():
-    parser = build_parser()
-    commands = [["demo"], ["tokenizer", "train"], ["generate"], ["convert"], ["presets"], ["data", "synth"],
-                ["prepare"], ["pretrain"], ["sft"], ["serve"], ["chat"], ["export", "gguf"]]
-    for command in commands:
-        sub = parser
-        for word in command:
-            sub = next(a for a in sub._actions if a.dest in ("command", "action")).choices[word]
+    commands = dict(all_commands(build_parser()))
+    for expected in [("demo",), ("tokenizer", "train"), ("generate",), ("sft",), ("lora",), ("lora-merge",),
+                     ("dpo",), ("distill",), ("serve",), ("chat",), ("export", "gguf")]:
+        assert expected in commands
+    for words, sub in commands.items():
         for action in sub._actions:
             if action.dest != "help":
-                assert action.help, f"nanomind {' '.join(command)}: {action.option_strings} has no help"
+                assert action.help, f"nanomind {' '.join(words)}: {action.option_strings} has no help"
     assert "generate" in run("--help").stdout
 
 
@@ -38,14 +47,18 @@ def test_the_main_job_trains_saves_and_samples(tmp_path):
     """The README's first command at its test size: every stage runs, the final checkpoint loads in
     transformers, and a rerun skips the finished stages."""
     result = run("demo", "--out", tmp_path / "demo", "--size", "test")
-    for stage in ("data", "tokenizer", "pretrain", "sft", "chat"):
+    for stage in ("data", "tokenizer", "pretrain", "sft", "lora", "dpo", "distill", "chat"):
         assert f"[{stage}]" in result.stdout
     assert "$ nanomind pretrain --data" in result.stdout and "M parameters" in result.stdout
-    checkpoint = tmp_path / "demo" / "sft" / "model"
+    assert (tmp_path / "demo" / "lora" / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "demo" / "distill" / "model" / "config.json").exists()
+    assert "nanomind chat --model" in result.stdout and "nanomind serve --model" in result.stdout
+    checkpoint = tmp_path / "demo" / "dpo" / "model"
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     rerun = run("demo", "--out", tmp_path / "demo", "--size", "test")
-    assert "[pretrain] already done, skipping" in rerun.stdout and "[sft] already done" in rerun.stdout
+    for stage in ("pretrain", "sft", "lora", "dpo", "distill"):
+        assert f"[{stage}] already done, skipping" in rerun.stdout
     ids = tokenizer("3 plus 4 equals", return_tensors="pt").input_ids
     with torch.no_grad():
         assert model(ids).logits.shape == (1, ids.shape[1], tokenizer.vocab_size)

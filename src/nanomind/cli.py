@@ -254,6 +254,11 @@ def cmd_distill(args):
     distill(args)
 
 
+def cmd_rl(args):
+    from .rl import main as rl
+    rl(args)
+
+
 def cmd_presets(args):
     from .model import NanoMind, PRESETS, preset_config
     print(f"{'preset':10} {'params':>10} {'active':>10}  hidden layers heads kv head_dim mlp experts")
@@ -452,6 +457,52 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0, help="softens both distributions in the KL term")
     g.add_argument("--kl", choices=["forward", "reverse"], default="forward",
                    help="forward: KL(teacher || student), mass-covering; reverse: KL(student || teacher), mode-seeking")
+
+    p = command("rl", cmd_rl, "reinforcement learning from rewards: GRPO, DAPO, CISPO or PPO",
+                "Sample --num-generations completions of each RL prompt with --init-from, score them with the "
+                "--reward functions, and improve the model on them over several clipped passes per rollout. "
+                "--batch-size is prompts per process per rollout; each of --ppo-epochs x --minibatches "
+                "minibatches is one optimizer step. Unset algorithm options take the --algo's defaults. "
+                "Works under torchrun.")
+    add_training_args(p, default_lr=1e-6)
+    g = p.add_argument_group("RL")
+    g.add_argument("--algo", choices=["grpo", "dapo", "cispo", "ppo"], default="grpo",
+                   help="grpo: group-normalised advantages, clipped ratio; dapo: clip-higher, dynamic sampling, "
+                        "token-level loss, overlong penalty; cispo: clipped stop-gradient weight on log pi; "
+                        "ppo: value model, GAE, KL penalty in the reward")
+    g.add_argument("--reward", action="append", metavar="NAME[=WEIGHT]",
+                   help="a reward and its weight (repeatable): math, exact, think_format, tool_calls, length, "
+                        "repetition, or FILE.py:FUNCTION (default: math)")
+    g.add_argument("--reward-model", type=Path, default=None, help="a reward model folder scoring the answers")
+    g.add_argument("--num-generations", type=int, help="completions per prompt, G (default: 8; ppo: 1)")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="longest completion")
+    g.add_argument("--max-prompt-len", type=int, default=512, help="longer prompts (templated) are skipped")
+    g.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature (> 0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling mass")
+    g.add_argument("--top-k", type=int, default=0, help="rollout top-k sampling (0 = off)")
+    g.add_argument("--thinking-ratio", type=float, default=0.0,
+                   help="share of prompts rendered with an open <think> block")
+    g.add_argument("--ppo-epochs", type=int, default=2, help="passes over each rollout")
+    g.add_argument("--minibatches", type=int, default=2, help="minibatches (optimizer steps) per pass")
+    g.add_argument("--clip-low", type=float, help="ratio clip below 1 (default 0.2; cispo 1.0: none)")
+    g.add_argument("--clip-high", type=float, help="ratio clip above 1 (default 0.2; dapo 0.28; cispo 4.0)")
+    g.add_argument("--beta", type=float, default=0.0,
+                   help="weight of the k3 KL to a frozen reference in the loss (grpo, dapo, cispo; 0: no reference)")
+    g.add_argument("--loss-agg", choices=["token", "sequence"],
+                   help="average over all tokens, or per sequence first (default: grpo sequence, others token)")
+    g.add_argument("--dynamic-sampling", action=argparse.BooleanOptionalAction, default=None,
+                   help="replace groups with all-equal rewards by fresh prompts (default: on for dapo)")
+    g.add_argument("--max-resample", type=int, default=3, help="dynamic sampling: extra generation rounds")
+    g.add_argument("--overlong-buffer", type=int,
+                   help="penalise completions in the last N tokens before --max-new-tokens (default: dapo "
+                        "max-new-tokens/4, else 0)")
+    g.add_argument("--critic", choices=["separate", "shared"], default="separate",
+                   help="ppo value model: a copy of the policy with a value head, or a head on the policy itself")
+    g.add_argument("--gamma", type=float, default=1.0, help="ppo: discount")
+    g.add_argument("--lam", type=float, default=0.95, help="ppo: GAE lambda")
+    g.add_argument("--vf-coef", type=float, default=0.5, help="ppo: weight of the value loss")
+    g.add_argument("--value-clip", type=float, default=0.2, help="ppo: clip of the value change per rollout")
+    g.add_argument("--kl-coef", type=float, help="ppo: KL penalty in the per-token reward (default 0.02; 0: no reference)")
 
     command("presets", cmd_presets, "list the model presets and their parameter counts")
 

@@ -4,11 +4,14 @@
   2. tokenizer  `nanomind tokenizer train` on its pretraining and SFT text      -> DIR/tokenizer
   3. pretrain   `nanomind pretrain` on the curriculum's text                    -> DIR/pretrain/model
   4. sft        `nanomind sft` on its conversations (reasoning, tool calls)     -> DIR/sft/model
-  5. chat       a few held-out questions answered by the final model
+  5. lora       `nanomind lora` on the domain set (an adapter on the SFT model) -> DIR/lora/adapter
+  6. dpo        `nanomind dpo` on chosen/rejected pairs, from the SFT model     -> DIR/dpo/model
+  7. distill    `nanomind distill`: a smaller student taught by the SFT model   -> DIR/distill/model
+  8. chat       a few held-out questions answered by the final model
 
 Each stage runs the very command a user would type (they are printed), writes its own folder and a
 `DONE` marker; a rerun skips finished stages, so a killed demo continues where it stopped. Later
-stages (LoRA, DPO, distillation, RL, evaluation, report) join as they land.
+stages (RL, evaluation, report) join as they land.
 """
 
 from __future__ import annotations
@@ -19,10 +22,14 @@ import time
 from pathlib import Path
 
 SIZES = {
-    # size: (curriculum, model flags, pretrain seconds, sft seconds, vocabulary)
-    "test": ("tiny", ["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
-             8, 6, 600),
-    "tiny": ("small", [], 150, 90, 2048),
+    # curriculum, model flags, seconds per training stage, tokenizer vocabulary
+    "test": dict(curriculum="tiny", vocab=600,
+                 model=["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
+                 student=["--hidden-size", "32", "--num-layers", "2", "--intermediate-size", "96", "--head-dim", "8"],
+                 seconds=dict(pretrain=8, sft=6, lora=3, dpo=3, distill=3)),
+    "tiny": dict(curriculum="small", vocab=2048, model=[],
+                 student=["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
+                 seconds=dict(pretrain=150, sft=90, lora=45, dpo=45, distill=60)),
 }
 
 
@@ -63,25 +70,42 @@ def held_out_questions(eval_file: Path, n: int) -> list[list[dict]]:
 
 def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str = "cpu") -> Path:
     out = Path(out_dir)
-    curriculum, model_flags, pretrain_seconds, sft_seconds, vocab = SIZES[size]
+    plan = SIZES[size]
+    seconds = plan["seconds"]
     started = time.perf_counter()
-    data = out / "data"
-    stage(out, "data", ["data", "synth", "--out", str(data), "--size", curriculum, "--seed", str(seed)])
+    data, tokenizer = out / "data", out / "tokenizer"
+    stage(out, "data", ["data", "synth", "--out", str(data), "--size", plan["curriculum"], "--seed", str(seed)])
     stage(out, "tokenizer", ["tokenizer", "train", "--data", str(data / "pretrain.jsonl"), str(data / "sft.jsonl"),
-                             "--vocab-size", str(vocab), "--out", str(out / "tokenizer")])
-    common = ["--device", device, "--seed", str(seed), "--eval-every", "50", "--save-every", "50"]
-    stage(out, "pretrain", ["pretrain", "--data", str(data / "pretrain.jsonl"), "--tokenizer", str(out / "tokenizer"),
-                            "--preset", "tiny", *model_flags, "--seq-len", "256", "--batch-size", "16",
-                            "--lr", "3e-3", "--warmup-steps", "20", "--time-budget", str(pretrain_seconds),
-                            "--epochs", "20", "--resume", "--out", str(out / "pretrain"), *common])
-    stage(out, "sft", ["sft", "--data", str(data / "sft.jsonl"), "--init-from", str(out / "pretrain" / "model"),
-                       "--seq-len", "768", "--batch-size", "8", "--lr", "1e-3", "--warmup-steps", "10",
-                       "--time-budget", str(sft_seconds), "--epochs", "20", "--resume", "--out", str(out / "sft"),
-                       *common])
-    final = out / "sft" / "model"
+                             "--vocab-size", str(plan["vocab"]), "--out", str(tokenizer)])
+
+    def training(command: str, name: str, *flags: str) -> list[str]:
+        # Every training stage: time-boxed, checkpointed, resumable; epochs only cap very fast machines.
+        return [command, *flags, "--time-budget", str(seconds[name]), "--epochs", "20", "--resume",
+                "--out", str(out / name), "--device", device, "--seed", str(seed), "--eval-every", "50",
+                "--save-every", "50"]
+
+    stage(out, "pretrain", training("pretrain", "pretrain", "--data", str(data / "pretrain.jsonl"),
+                                    "--tokenizer", str(tokenizer), "--preset", "tiny", *plan["model"],
+                                    "--seq-len", "256", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "20"))
+    sft = out / "sft" / "model"
+    chat_flags = ["--seq-len", "768", "--batch-size", "8", "--warmup-steps", "10"]
+    stage(out, "sft", training("sft", "sft", "--data", str(data / "sft.jsonl"),
+                               "--init-from", str(out / "pretrain" / "model"), *chat_flags, "--lr", "1e-3"))
+    stage(out, "lora", training("lora", "lora", "--data", str(data / "lora_domain.jsonl"), "--init-from", str(sft),
+                                *chat_flags, "--lr", "3e-3", "--rank", "8", "--alpha", "16"))
+    stage(out, "dpo", training("dpo", "dpo", "--data", str(data / "dpo.jsonl"), "--init-from", str(sft),
+                               "--seq-len", "256", "--batch-size", "8", "--warmup-steps", "10", "--lr", "1e-4",
+                               "--beta", "0.1", "--precompute-ref"))
+    stage(out, "distill", training("distill", "distill", "--data", str(data / "sft.jsonl"), "--teacher", str(sft),
+                                   "--tokenizer", str(tokenizer), "--preset", "tiny", *plan["student"], *chat_flags,
+                                   "--lr", "3e-3", "--alpha", "0.2", "--temperature", "2.0"))
+    final = out / "dpo" / "model"
     chat_samples(final, held_out_questions(data / "eval_sft.jsonl", 4))
-    print(f"\ndone in {time.perf_counter() - started:.0f}s. The final model is {final} (a Hugging Face Qwen3 folder).\n"
-          f"Try:\n  nanomind generate --model {final} --chat --prompt 'What is 12 plus 7?'")
+    print(f"\ndone in {time.perf_counter() - started:.0f}s. The final model is {final} (a Hugging Face Qwen3 folder);\n"
+          f"the SFT model with the domain adapter: --model {sft} --adapter {out / 'lora' / 'adapter'}.\nTry:\n"
+          f"  nanomind chat --model {final}\n"
+          f"  nanomind serve --model {final}    # then open http://127.0.0.1:8998\n"
+          f"  nanomind generate --model {final} --chat --prompt 'What is 12 plus 7?'")
     return final
 
 
