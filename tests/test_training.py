@@ -181,3 +181,36 @@ def test_both_optimizers_reduce_the_loss_and_resume_their_state(prepared, tmp_pa
     assert np.mean(history[-5:]) < history[0] - 1.0
     state = torch.load(tmp_path / "run" / "checkpoints" / "step-000025" / "trainer_state.pt", weights_only=False)
     assert len(state["optimizer"]["optimizers"]) == (2 if optimizer == "muon" else 1)
+
+
+def test_metrics_also_go_to_tensorboard_and_wandb(prepared, tmp_path, monkeypatch):
+    """Behind flags, the same per-step numbers reach TensorBoard's event files and wandb's log calls."""
+    import types
+
+    from conftest import tiny_config
+    from nanomind.model import NanoMind
+
+    calls = []
+    fake_wandb = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)) or fake_run)
+    fake_run = types.SimpleNamespace(log=lambda values, step: calls.append(("log", step, values)),
+                                     finish=lambda: calls.append(("finish",)))
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    tokenizer = Tokenizer.load(prepared / "tok")
+    manifest = json.loads((prepared / "data" / "manifest.json").read_text())
+    rows = open_rows(prepared / "data", "train", manifest, tokenizer.pad_id)
+    settings = TrainSettings(out=tmp_path / "run", batch_size=4, max_steps=3, eval_every=0, tensorboard=True,
+                             wandb="nanomind-test")
+    train(Stage("test", rows, None, token_loss), NanoMind(tiny_config(vocab_size=tokenizer.vocab_size), verbose=False),
+          tokenizer, settings, Distributed(), torch.device("cpu"), {"stage": "test"})
+    logged = losses(tmp_path / "run")
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    assert np.allclose([e.value for e in events.Scalars("loss")], logged, rtol=1e-6)
+    assert "mfu" in events.Tags()["scalars"] and "lr" in events.Tags()["scalars"]
+
+    assert calls[0][0] == "init" and calls[0][1]["project"] == "nanomind-test" and calls[0][1]["config"] == {"stage": "test"}
+    assert [(c[1], c[2]["loss"]) for c in calls if c[0] == "log"] == list(zip([1, 2, 3], logged))
+    assert calls[-1] == ("finish",)

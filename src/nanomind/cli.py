@@ -116,6 +116,9 @@ def add_training_args(parser: argparse.ArgumentParser, default_lr: float) -> Non
     g.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps")
     g.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
     g.add_argument("--sample-every", type=int, default=0, help="print greedy samples every N steps (0 = off)")
+    g.add_argument("--tensorboard", action="store_true", help="also log metrics to OUT/tensorboard (pip install tensorboard)")
+    g.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="also log metrics to this wandb project (pip install wandb; WANDB_MODE=offline works offline)")
     g.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
                    help="cpu, cuda, mps (with torchrun each process takes cuda:LOCAL_RANK)")
     g.add_argument("--config", type=Path, default=None,

@@ -322,6 +322,8 @@ class TrainSettings:
     fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (FSDP2)
     resume: bool = False
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    tensorboard: bool = False  # also log to OUT/tensorboard
+    wandb: str | None = None  # also log to this wandb project
 
 
 def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run: Distributed,
@@ -362,7 +364,9 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
         train_model = torch.compile(train_model)
     autocast = autocast_context(device, s.precision)
     flops_per_token = 6 * model.num_parameters(active_only=True)
+    peak_flops = peak_flops_per_process(device)
     progress = ProgressPrinter(total_steps, enabled=run.is_main, time_budget=s.time_budget)
+    sinks = MetricSinks(out, s.tensorboard, s.wandb, config_record) if run.is_main else None
     started = time.perf_counter()
     metrics = {}
 
@@ -407,8 +411,7 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
                    **{k: (run.all_reduce_sum(v.clone()) / run.world_size).item() for k, v in extra.items()}}
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
-        if device.type == "cuda":
-            metrics["mfu"] = flops_per_token * tokens / elapsed / (run.world_size * _peak_flops(device))
+        metrics["mfu"] = flops_per_token * tokens / elapsed / (run.world_size * peak_flops)
         last_step = step + 1 == total_steps or _out_of_time(s, started, run, device)
         if stage.val_rows is not None and s.eval_every and ((step + 1) % s.eval_every == 0 or last_step):
             metrics.update(evaluate(model, stage, s, run, device, autocast))
@@ -420,12 +423,15 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
             with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(metrics, ensure_ascii=False) + "\n")
             progress.update(metrics, step + 1 - start_step, time.perf_counter() - started)
+            sinks.log(metrics)
         if (s.save_every and (step + 1) % s.save_every == 0) or last_step:
             _save_training_checkpoint(stage, checkpoint_dir, step + 1, model, tokenizer, optimizer, source, history,
                                       run, s.keep_last, config_record, s.fsdp)
         if last_step:
             break
     progress.close()
+    if sinks is not None:
+        sinks.close()
     weights, _ = _full_state(model, None, s.fsdp)
     if run.is_main:
         stage.save_fn(model, out / stage.output_name, tokenizer, weights)
@@ -492,14 +498,60 @@ def autocast_context(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def _peak_flops(device) -> float:
-    """Dense bf16 peak of common GPUs, for the MFU estimate (H100/H200 SXM: 989 TFLOPS)."""
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("4090", 165e12),
-                       ("3090", 71e12), ("L4", 121e12), ("A10", 125e12), ("T4", 65e12)):
-        if key in name:
-            return flops
-    return 100e12
+def peak_flops_per_process(device: torch.device) -> float:
+    """The FLOP/s that MFU is measured against: the dense bf16 peak of common GPUs (H100/H200 SXM:
+    989 TFLOPS); on a CPU, the fp32 matmul rate measured here and now (best of a few 512^3 products),
+    so the figure reads as "share of what this machine's matmuls can do"."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("4090", 165e12),
+                           ("3090", 71e12), ("L4", 121e12), ("A10", 125e12), ("T4", 65e12)):
+            if key in name:
+                return flops
+        return 100e12
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 512**3 / best
+
+
+class MetricSinks:
+    """Where the step metrics go besides OUT/metrics.jsonl: TensorBoard (OUT/tensorboard) and wandb,
+    each only when asked for, and neither a required dependency."""
+
+    def __init__(self, out: Path, tensorboard: bool, wandb_project: str | None, config: dict | None):
+        self.writer = self.wandb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise TrainingError(f"--tensorboard needs the tensorboard package: pip install tensorboard ({e})")
+            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise TrainingError("--wandb needs the wandb package: pip install wandb "
+                                    "(WANDB_MODE=offline logs without an account)")
+            self.wandb = wandb.init(project=wandb_project, name=out.name, dir=str(out),
+                                    config=json.loads(json.dumps(config or {}, default=str)))
+
+    def log(self, metrics: dict) -> None:
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, metrics["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=metrics["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -637,7 +689,7 @@ def _rewrite_metrics(path: Path, history: list) -> None:
 
 
 class ProgressPrinter:
-    """One status line per `interval` seconds: step, loss, lr, tokens/s, MFU (GPU), ETA."""
+    """One status line per `interval` seconds: step, loss, lr, tokens/s, MFU, ETA."""
 
     def __init__(self, total_steps: int, enabled: bool, time_budget: float | None = None, interval: float = 2.0):
         self.total, self.enabled, self.interval, self.last = total_steps, enabled, interval, -1e9
