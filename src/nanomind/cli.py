@@ -475,9 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "ppo: value model, GAE, KL penalty in the reward")
     g.add_argument("--reward", action="append", metavar="NAME[=WEIGHT]",
                    help="a reward and its weight (repeatable): math, exact, think_format, tool_calls, length, "
-                        "repetition, or FILE.py:FUNCTION (default: math)")
+                        "repetition, or FILE.py:FUNCTION; unset: math")
     g.add_argument("--reward-model", type=Path, default=None, help="a reward model folder scoring the answers")
-    g.add_argument("--num-generations", type=int, help="completions per prompt, G (default: 8; ppo: 1)")
+    g.add_argument("--num-generations", type=int, help="completions per prompt, G; unset: 8 (ppo: 1)")
     g.add_argument("--max-new-tokens", type=int, default=256, help="longest completion")
     g.add_argument("--max-prompt-len", type=int, default=512, help="longer prompts (templated) are skipped")
     g.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature (> 0)")
@@ -487,25 +487,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of prompts rendered with an open <think> block")
     g.add_argument("--ppo-epochs", type=int, default=2, help="passes over each rollout")
     g.add_argument("--minibatches", type=int, default=2, help="minibatches (optimizer steps) per pass")
-    g.add_argument("--clip-low", type=float, help="ratio clip below 1 (default 0.2; cispo 1.0: none)")
-    g.add_argument("--clip-high", type=float, help="ratio clip above 1 (default 0.2; dapo 0.28; cispo 4.0)")
+    g.add_argument("--clip-low", type=float, help="ratio clip below 1; unset: 0.2 (cispo: 1.0, no lower bound)")
+    g.add_argument("--clip-high", type=float, help="ratio clip above 1; unset: 0.2 (dapo: 0.28, cispo: 4.0)")
     g.add_argument("--beta", type=float, default=0.0,
                    help="weight of the k3 KL to a frozen reference in the loss (grpo, dapo, cispo; 0: no reference)")
     g.add_argument("--loss-agg", choices=["token", "sequence"],
-                   help="average over all tokens, or per sequence first (default: grpo sequence, others token)")
+                   help="average over all tokens, or per sequence first; unset: sequence for grpo, else token")
     g.add_argument("--dynamic-sampling", action=argparse.BooleanOptionalAction, default=None,
-                   help="replace groups with all-equal rewards by fresh prompts (default: on for dapo)")
+                   help="replace groups with all-equal rewards by fresh prompts; unset: on for dapo only")
     g.add_argument("--max-resample", type=int, default=3, help="dynamic sampling: extra generation rounds")
     g.add_argument("--overlong-buffer", type=int,
-                   help="penalise completions in the last N tokens before --max-new-tokens (default: dapo "
-                        "max-new-tokens/4, else 0)")
+                   help="penalise completions in the last N tokens before --max-new-tokens; unset: "
+                        "max-new-tokens/4 for dapo, else 0")
     g.add_argument("--critic", choices=["separate", "shared"], default="separate",
                    help="ppo value model: a copy of the policy with a value head, or a head on the policy itself")
     g.add_argument("--gamma", type=float, default=1.0, help="ppo: discount")
     g.add_argument("--lam", type=float, default=0.95, help="ppo: GAE lambda")
     g.add_argument("--vf-coef", type=float, default=0.5, help="ppo: weight of the value loss")
     g.add_argument("--value-clip", type=float, default=0.2, help="ppo: clip of the value change per rollout")
-    g.add_argument("--kl-coef", type=float, help="ppo: KL penalty in the per-token reward (default 0.02; 0: no reference)")
+    g.add_argument("--kl-coef", type=float,
+                   help="ppo: KL penalty in the per-token reward (0: no reference); unset: 0.02")
 
     command("presets", cmd_presets, "list the model presets and their parameter counts")
 

@@ -463,9 +463,27 @@ class PreferenceRows:
         return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:].masked_fill(~mask[:, 1:], -100)}
 
 
+class PromptRows:
+    """RL prompts: the validated records of {split}.jsonl, in file order (rollouts template them)."""
+
+    def __init__(self, path: Path):
+        with path.open(encoding="utf-8") as f:
+            self.records = [json.loads(line) for line in f if line.strip()]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def rows(self, indices) -> list[dict]:
+        return [self.records[int(i)] for i in indices]
+
+
 def open_rows(prepared_dir, split: str, manifest: dict, pad_id: int):
-    """The training rows of one split of a prepared pretrain, SFT or DPO folder (None if it is empty)."""
+    """The training rows of one split of a prepared folder (None if it is empty): token rows for
+    pretrain, SFT and DPO, prompt records for RL and agent RL."""
     folder = Path(prepared_dir)
+    if manifest["kind"] in ("rl", "agent"):
+        rows = PromptRows(folder / f"{split}.jsonl")
+        return rows if len(rows) else None
     if manifest["kind"] == "dpo":
         rows = PreferenceRows(TokenStore(folder, f"{split}.dpo.chosen", manifest["dtype"]),
                               TokenStore(folder, f"{split}.dpo.rejected", manifest["dtype"]), pad_id)
