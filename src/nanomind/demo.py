@@ -7,11 +7,12 @@
   5. lora       `nanomind lora` on the domain set (an adapter on the SFT model) -> DIR/lora/adapter
   6. dpo        `nanomind dpo` on chosen/rejected pairs, from the SFT model     -> DIR/dpo/model
   7. distill    `nanomind distill`: a smaller student taught by the SFT model   -> DIR/distill/model
-  8. chat       a few held-out questions answered by the final model
+  8. grpo       `nanomind rl --algo grpo` on checkable questions, from DPO      -> DIR/grpo/model
+  9. chat       a few held-out questions answered by the final model
 
 Each stage runs the very command a user would type (they are printed), writes its own folder and a
 `DONE` marker; a rerun skips finished stages, so a killed demo continues where it stopped. Later
-stages (RL, evaluation, report) join as they land.
+stages (agent RL, evaluation, report) join as they land.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ SIZES = {
     "test": dict(curriculum="tiny", vocab=600,
                  model=["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
                  student=["--hidden-size", "32", "--num-layers", "2", "--intermediate-size", "96", "--head-dim", "8"],
-                 seconds=dict(pretrain=8, sft=6, lora=3, dpo=3, distill=3)),
+                 seconds=dict(pretrain=8, sft=6, lora=3, dpo=3, distill=3, grpo=4)),
     "tiny": dict(curriculum="small", vocab=2048, model=[],
                  student=["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
-                 seconds=dict(pretrain=150, sft=90, lora=45, dpo=45, distill=60)),
+                 seconds=dict(pretrain=150, sft=90, lora=45, dpo=45, distill=60, grpo=90)),
 }
 
 
@@ -99,7 +100,11 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
     stage(out, "distill", training("distill", "distill", "--data", str(data / "sft.jsonl"), "--teacher", str(sft),
                                    "--tokenizer", str(tokenizer), "--preset", "tiny", *plan["student"], *chat_flags,
                                    "--lr", "3e-3", "--alpha", "0.2", "--temperature", "2.0"))
-    final = out / "dpo" / "model"
+    stage(out, "grpo", training("rl", "grpo", "--algo", "grpo", "--data", str(data / "rl.jsonl"),
+                                "--init-from", str(out / "dpo" / "model"), "--reward", "math", "--num-generations", "8",
+                                "--batch-size", "4", "--max-new-tokens", "48", "--temperature", "1.0", "--lr", "1e-5",
+                                "--warmup-steps", "5"))
+    final = out / "grpo" / "model"
     chat_samples(final, held_out_questions(data / "eval_sft.jsonl", 4))
     print(f"\ndone in {time.perf_counter() - started:.0f}s. The final model is {final} (a Hugging Face Qwen3 folder);\n"
           f"the SFT model with the domain adapter: --model {sft} --adapter {out / 'lora' / 'adapter'}.\nTry:\n"
