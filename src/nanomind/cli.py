@@ -10,6 +10,7 @@
   nanomind lora ...                 train a LoRA adapter (`nanomind lora merge` folds it into the base)
   nanomind dpo ...                  direct preference optimisation on chosen/rejected pairs
   nanomind distill --teacher DIR    white-box distillation from a teacher's token distributions
+  nanomind rl --algo grpo ...       reinforcement learning from rewards (GRPO, DAPO, CISPO, PPO)
   nanomind presets                  list the model presets and their sizes
   nanomind data synth --out DIR     write the built-in bilingual curriculum (every stage, with eval sets)
   nanomind serve --model DIR        OpenAI-compatible API and web chat page (continuous batching)
@@ -255,6 +256,11 @@ def cmd_dpo(args):
 def cmd_distill(args):
     from .distill import main as distill
     distill(args)
+
+
+def cmd_eval(args):
+    from .evaluation import main as evaluate
+    evaluate(args, load=lambda folder: load_for_inference(argparse.Namespace(**{**vars(args), "model": folder})))
 
 
 def cmd_rl(args):
@@ -507,6 +513,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--value-clip", type=float, default=0.2, help="ppo: clip of the value change per rollout")
     g.add_argument("--kl-coef", type=float,
                    help="ppo: KL penalty in the per-token reward (0: no reference); unset: 0.02")
+
+    p = command("eval", cmd_eval, "measure a checkpoint: held-out loss, multiple choice, answers, tool use, chat",
+                "Tasks: loss (loss, perplexity, bits per byte on pretrain text or SFT conversations); choice "
+                "(multiple choice on C-Eval / CMMLU / MMLU style CSV or JSONL, by the length-normalised "
+                "log-likelihood of each option's text, or of its letter with --choice-scoring letter; per subject); "
+                "math / exact (answers generated for RL prompts, checked against their gt); tools (multi-turn "
+                "tool use on agent records: right tools, valid arguments, call count, final answer, per case); "
+                "chat (fixed prompts answered side by side by each --model). Prints a summary; --out saves JSON.")
+    p.add_argument("--model", type=Path, action="append", required=True,
+                   help="checkpoint directory (repeat it to compare several with --task chat)")
+    p.add_argument("--adapter", type=Path, default=None, help="LoRA adapter folder applied on top of --model")
+    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: --model)")
+    p.add_argument("--task", choices=["loss", "choice", "math", "exact", "tools", "chat"], required=True,
+                   help="what to measure")
+    p.add_argument("--data", type=Path, nargs="+", default=None,
+                   help="input files: loss: pretrain/SFT JSONL; choice: CSV/JSONL files or folders of them; math, "
+                        "exact: RL JSONL with gt; tools: agent JSONL; chat: .txt (a prompt per line) or "
+                        "conversation JSONL (default: a built-in Chinese and English set)")
+    p.add_argument("--out", type=Path, default=None, help="write the results (and per-case details) as JSON here")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate at most N questions / prompts / cases (loss: rows of --seq-len tokens)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences scored or decoded together")
+    p.add_argument("--shots", type=int, default=0, help="choice: answered examples of the same subject before each")
+    p.add_argument("--choice-scoring", choices=["text", "letter"], default="text",
+                   help="choice: score each option's text (per byte) or its letter after the listed options")
+    p.add_argument("--seq-len", type=int, default=512, help="loss: tokens per scored row")
+    p.add_argument("--tools", type=Path, default=None,
+                   help="tools: a Python file of tool functions (default: the built-in calculator and unit converter)")
+    p.add_argument("--max-turns", type=int, default=3, help="tools: most model replies per case")
+    p.add_argument("--think", action="store_true", help="open a <think> block for the model's reasoning first")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad JSONL lines and report them, instead of stopping")
+    add_sampling_args(p, max_new_tokens=256, temperature=0.0, top_p=1.0, per="per reply")
+    add_device_args(p)
 
     command("presets", cmd_presets, "list the model presets and their parameter counts")
 
