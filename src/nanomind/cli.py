@@ -11,6 +11,7 @@
   nanomind dpo ...                  direct preference optimisation on chosen/rejected pairs
   nanomind distill --teacher DIR    white-box distillation from a teacher's token distributions
   nanomind rl --algo grpo ...       reinforcement learning from rewards (GRPO, DAPO, CISPO, PPO)
+  nanomind eval --model DIR --task  held-out loss, multiple choice, math/exact answers, tool use, chat
   nanomind presets                  list the model presets and their sizes
   nanomind data synth --out DIR     write the built-in bilingual curriculum (every stage, with eval sets)
   nanomind serve --model DIR        OpenAI-compatible API and web chat page (continuous batching)
