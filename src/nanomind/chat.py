@@ -17,7 +17,7 @@ import sys
 from typing import TextIO
 
 from .generation import SamplingParams, stream
-from .serving.reply_parser import ReplyParser
+from .reply_parser import ReplyParser
 
 DIM, RESET = "\033[2m", "\033[0m"
 

@@ -38,7 +38,7 @@ from .checkpoint import load_model
 from .data import BadLines, BadRecord, DataError, conversation_tools, read_records
 from .generation import SamplingParams, generate
 from .model import NanoMind
-from .serving.reply_parser import ReplyParser
+from .reply_parser import ReplyParser
 from .sft import SAMPLE_PROMPTS
 from .tokenizer import Tokenizer
 from .trainer import Stage, TrainingError, run_stage, unwrap

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation import SamplingParams
 from .engine import Engine, EngineRequest, EngineStopped, QueueFull
-from .reply_parser import ReplyParser
+from ..reply_parser import ReplyParser
 
 STATIC_DIR = Path(__file__).parent / "static"
 ROLES = ("system", "user", "assistant", "tool")
