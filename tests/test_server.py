@@ -338,6 +338,23 @@ def test_tool_call_round_trip(server):
     assert (answer.message.content, answer.finish_reason) == (AFTER_TOOL_REPLY, "stop")
 
 
+def test_tool_choice_required_or_named_makes_the_reply_a_tool_call(server):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice in ("required", named):
+        response = chat(server, WEATHER_QUESTION, tools=[WEATHER_TOOL], tool_choice=choice)
+        assert response.choices[0].message.tool_calls, (choice, response.choices[0].message.content)
+        (call,) = response.choices[0].message.tool_calls
+        assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+        assert response.choices[0].finish_reason == "tool_calls"
+        _, _, deltas, finish, _ = stream_chat(server, WEATHER_QUESTION, tools=[WEATHER_TOOL], tool_choice=choice)
+        assert [d.function.name for d in deltas] == ["get_weather"] and finish == "tool_calls"
+    # Even where the model would answer in words, a forced call starts the reply.
+    forced = chat(server, COUNT_QUESTION, tools=[WEATHER_TOOL], tool_choice=named, max_tokens=24).choices[0]
+    assert COUNT_REPLY not in (forced.message.content or "")
+    assert forced.message.tool_calls or forced.message.content.startswith('<tool_call>\n{"name": "get_weather"')
+    assert chat(server, WEATHER_QUESTION, tools=[WEATHER_TOOL], tool_choice="none").choices[0].message.tool_calls is None
+
+
 @one_torch_thread()
 def test_sixteen_concurrent_clients_get_their_own_answers(server, reference):
     """16 clients at once (8 decode together, 8 queue): greedy ones match `generate` alone, and
@@ -404,6 +421,9 @@ def test_bad_requests_get_openai_errors(server):
     assert_error(post({**ok, "messages": long_prompt}), 400, "messages", "context_length_exceeded")
     assert_error(post({**ok, "max_tokens": 5000}), 400, "max_tokens", "context_length_exceeded")
     assert_error(post({**ok, "model": "gpt-9"}), 404, "model", "model_not_found")
+    assert_error(post({**ok, "tools": [WEATHER_TOOL], "tool_choice": {"type": "function",
+                                                                      "function": {"name": "nope"}}}), 400, "tool_choice")
+    assert_error(post({**ok, "tool_choice": "required"}), 400, "tool_choice")
     assert_error(httpx.get(f"{server.url}/v1/nothing", timeout=30), 404)
     with pytest.raises(openai.NotFoundError):
         server.client().chat.completions.create(model="gpt-9", messages=COUNT_QUESTION)

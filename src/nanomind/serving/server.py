@@ -128,22 +128,37 @@ def chat_messages(raw) -> list[dict]:
     return messages
 
 
-def chat_tools(body: dict) -> list | None:
+def chat_tools(body: dict) -> tuple[list | None, str]:
+    """The request's tools, and the text the reply is made to start with: `tool_choice` "required"
+    or a named function opens the tool call in the prompt (in the template's own layout), so the
+    model can only go on to write it; "auto" leaves the choice to the model, "none" hides the tools."""
     tools = _field(body, "tools", (list,), None, "a list of tools")
+    choice = body.get("tool_choice", "auto")
     if not tools:
-        return None
+        if choice not in ("auto", "none", None):
+            raise RequestError(400, "tool_choice needs 'tools'", param="tool_choice")
+        return None, ""
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise RequestError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
                                     "\"parameters\": ...}}}}", param="tools")
-    choice = body.get("tool_choice", "auto")
     if choice == "none":
-        return None
-    if choice not in ("auto", None):
-        raise RequestError(400, f"tool_choice {json.dumps(choice)[:60]} is not supported: nanomind does not "
-                                "constrain decoding; use \"auto\" or \"none\"", param="tool_choice")
-    return tools
+        return None, ""
+    if choice in ("auto", None):
+        return tools, ""
+    # The opening stops before a space: byte-level BPE attaches a space to the word after it, so
+    # ending on one would hand the model a token split it never saw in training.
+    if choice == "required":
+        return tools, '<tool_call>\n{"name":'
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(name, str):
+        raise RequestError(400, 'tool_choice must be "auto", "none", "required" or {"type": "function", '
+                                '"function": {"name": ...}}', param="tool_choice")
+    if name not in [tool["function"]["name"] for tool in tools]:
+        raise RequestError(400, f"tool_choice names {name!r}, which is not among the request's tools",
+                           param="tool_choice")
+    return tools, '<tool_call>\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments":'
 
 
 def thinking_requested(body: dict) -> bool:
@@ -362,12 +377,16 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def chat_completions(request: Request):
         body = await read_body(request)
         messages = chat_messages(body.get("messages"))
-        tools = chat_tools(body)
-        thinking = thinking_requested(body)
+        tools, forced = chat_tools(body)
+        # A forced tool call starts the reply at once, so there is no room for reasoning first.
+        thinking = thinking_requested(body) and not forced
         prompt_ids = tokenizer.encode(render_chat_prompt(tokenizer, messages, tools, thinking))
+        prompt_ids += tokenizer.encode(forced) if forced else []
         params, presence, frequency, stream, include_usage = sampling(body, len(prompt_ids))
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_name}
         parsers = [ReplyParser(thinking, parse_tools=tools is not None) for _ in params]
+        for parser in parsers:
+            parser.push(forced)  # the forced opening is part of the reply the parser reads (it emits nothing)
         updates = run_on_engine(request, prompt_ids, params, presence, frequency)
 
         def finish_reason_of(index: int, reason: str) -> str:
