@@ -1,7 +1,10 @@
 """RL: each loss matches its formula, the first pass over a rollout has a ratio of 1 and later ones clip,
 DAPO drops groups without signal, DDP processes end with identical weights (value model included), a
-resume on a rollout boundary is exact, and GRPO raises the reward of a tiny model."""
+resume on a rollout boundary is exact, and GRPO raises the reward of a tiny model. Agent RL trains
+exactly the model's tokens of multi-turn tool trajectories, scores them by all their turns, and runs
+end to end on the synthetic agent data."""
 
+import dataclasses
 import json
 import math
 import os
@@ -13,17 +16,22 @@ import sys
 import pytest
 import torch
 from conftest import random_model, tiny_config
+from test_agent import ScriptedModel
 
+from nanomind import rl
+from nanomind.agent import run_agents
 from nanomind.checkpoint import load_model, save_checkpoint
 from nanomind.cli import build_parser
 from nanomind.cli import main as nanomind
 from nanomind.model import NanoMind
 from nanomind.prepare import PrepareOptions, load_manifest, open_rows, prepare
+from nanomind.rewards import answer_text, math_reward, tool_call_reward
 from nanomind.rl import (VALUE_FILE, PolicyLoss, add_value_model, aggregate, cispo_loss, clipped_surrogate,
-                         clipped_value_loss, gae, group_advantages, k3_kl, make_stage, overlong_penalty,
-                         settings_from_args, training_layout)
+                         clipped_value_loss, data_kind, gae, group_advantages, k3_kl, make_stage, overlong_penalty,
+                         render_prompt, settings_from_args, training_layout)
 from nanomind.synth import synthesize
 from nanomind.tokenizer import Tokenizer, train_tokenizer
+from nanomind.tools import builtin_tools, tool_schemas
 from nanomind.trainer import Distributed, StageInputs
 
 DIGITS_REWARD = '''import re
@@ -106,6 +114,26 @@ def test_gae_matches_a_per_sequence_recursion():
     assert (advantages[~mask] == 0).all() and (returns[~mask] == 0).all()
 
 
+def test_gae_steps_over_the_gaps_between_an_agents_replies():
+    """Positions outside the mask (tool results between two replies) are no steps: the recursion runs over
+    the masked tokens alone, the last token of a reply bootstrapping from the first of the next."""
+    torch.manual_seed(1)
+    rewards, values = torch.randn(2, 9), torch.randn(2, 9)
+    mask = torch.tensor([[0, 1, 1, 0, 0, 1, 1, 1, 0], [1, 0, 1, 0, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    gamma, lam = 0.9, 0.8
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    for row in range(2):
+        steps = mask[row].nonzero().flatten().tolist()
+        r, v = rewards[row, steps].tolist(), values[row, steps].tolist()
+        expected, running = [0.0] * len(r), 0.0
+        for t in reversed(range(len(r))):
+            running = r[t] + gamma * (v[t + 1] if t + 1 < len(r) else 0.0) - v[t] + gamma * lam * running
+            expected[t] = running
+        assert advantages[row, steps].tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        assert returns[row, steps].tolist() == pytest.approx([e + x for e, x in zip(expected, v)], rel=1e-5, abs=1e-6)
+    assert (advantages[~mask] == 0).all() and (returns[~mask] == 0).all()
+
+
 def test_token_and_sequence_aggregation_and_the_overlong_penalty():
     per_token = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0]])
     mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
@@ -121,6 +149,10 @@ def test_the_training_layout_predicts_each_completion_token_from_the_one_before(
     inputs, targets, lengths = training_layout(prompts, completions, pad_id=0)
     assert lengths.tolist() == [5, 5] and inputs.tolist() == [[5, 6, 7, 9], [8, 10, 11, 12]]
     assert targets.tolist() == [[-100, -100, 9, 2], [10, 11, 12, 2]]
+    # An agent's completion: reply, tool result, reply; only the replies are targets.
+    inputs, targets, lengths = training_layout([[5, 6]], [[9, 2, 30, 31, 10, 2]], pad_id=0, masks=[[1, 1, 0, 0, 1, 1]])
+    assert inputs.tolist() == [[5, 6, 9, 2, 30, 31, 10]]
+    assert targets.tolist() == [[-100, 9, 2, -100, -100, 10, 2]]
 
 
 @pytest.mark.parametrize("algo", ["grpo", "cispo", "ppo"])
@@ -338,3 +370,218 @@ def test_grpo_raises_the_reward_of_a_tiny_model(workdir, tmp_path):
     assert {"reward_digits", "response_length", "truncated", "uniform_groups"} <= metrics[0].keys()
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
     assert not (tmp_path / "run" / "model" / VALUE_FILE).exists()  # no value model outside PPO
+
+
+# ----------------------------------------------------------------------------------------------
+# Agent RL: multi-turn tool trajectories
+
+
+def call(expression: str) -> str:
+    body = json.dumps({"name": "calculate_math", "arguments": {"expression": expression}})
+    return f"<tool_call>\n{body}\n</tool_call>"
+
+
+AGENT_CASES = {  # question -> (gt, the replies the scripted model writes, turn by turn)
+    "What is 256 * 37?": (["9472"], [call("256 * 37"), "256 * 37 = 9472."]),
+    "Wrong": (["36"], [call("12 * 3"), "It is 5."]),
+    "Malformed": (["9472"], ['<tool_call>\n{"name": "calculate_math", "arguments": {"expression": </tool_call>',
+                             "Sorry."]),
+    "Unclosed": (["9472", "1"], ['<tool_call>\n{"name": "calculate_math"', "Sorry."]),
+    "Two": (["42", "5"], [call("6 * 7"), call("2 + 3"), "6 * 7 = 42 and 2 + 3 = 5."]),
+    "Loop": (["2"], [call("1 + 1")] * 3),
+}
+
+
+def agent_script(text: str) -> str:
+    """The reply to the case's question after as many tool results as the conversation holds."""
+    question = re.search(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", text, re.DOTALL).group(1)
+    replies = AGENT_CASES[question][1]
+    return replies[min(len(re.findall("<tool_response>", text)), len(replies) - 1)]
+
+
+@pytest.fixture(scope="module")
+def agent_data(workdir):
+    """The agent cases (prepared as agent data) and the synthetic agent_rl.jsonl (prepared)."""
+    raw = workdir / "agent_cases.jsonl"
+    raw.write_text("".join(json.dumps({"conversations": [{"role": "system", "content": "Use the tools."},
+                                                         {"role": "user", "content": question},
+                                                         {"role": "assistant", "content": ""}], "gt": gt}) + "\n"
+                           for question, (gt, _) in AGENT_CASES.items()))
+    for source, name in ((raw, "cases"), (workdir / "synth" / "agent_rl.jsonl", "agent")):
+        prepare([source], workdir / "tok", workdir / name, PrepareOptions(kind="agent", seq_len=64, val_fraction=0.0),
+                verbose=False)
+    return workdir
+
+
+@pytest.fixture
+def scripted(monkeypatch, workdir):
+    """Rollouts by the scripted model (run_agents itself, every tool call run for real); the training
+    forwards, log-probabilities included, by the real tiny model."""
+    tokenizer = Tokenizer.load(workdir / "tok")
+    actor = ScriptedModel(tokenizer, agent_script)
+    monkeypatch.setattr(rl, "run_agents", lambda model, *args, **kwargs: run_agents(actor, *args, **kwargs))
+    return tokenizer
+
+
+def agent_stage(workdir, tmp_path, reward_fn=None, *extra, **agent_settings):
+    """The RL stage on the agent cases, for a fresh copy of the tiny model (later flags win)."""
+    args = build_parser().parse_args(["rl", "--data", str(workdir / "cases"), "--init-from", str(workdir / "init"),
+                                      "--out", str(tmp_path), "--device", "cpu", "--batch-size", str(len(AGENT_CASES)),
+                                      "--num-generations", "2", "--max-new-tokens", "120", "--max-prompt-len", "1000",
+                                      *map(str, extra)])
+    vars(args).update({"max_total_len": 1400, **agent_settings})  # the agent options, whether or not the CLI has them
+    assert data_kind(args) == "agent"  # a folder prepared as agent data
+    tokenizer = Tokenizer.load(workdir / "tok")
+    rows = open_rows(workdir / "cases", "train", load_manifest(workdir / "cases"), tokenizer.pad_id)
+    model = load_model(workdir / "init", dtype=torch.float32)
+    s = dataclasses.replace(settings_from_args(args), agent=True)
+    inputs = StageInputs(args, rows, None, model, tokenizer, Distributed(), torch.device("cpu"), workdir / "cases")
+    return make_stage(inputs, s, reward_fn), model
+
+
+def alternating(prompts, completions, samples):
+    """0, 1, 0, 1, ...: the two samples of a (deterministic) group differ, so advantages are +-1."""
+    values = torch.tensor([float(i % 2) for i in range(len(completions))])
+    return values, {"alternating": values}
+
+
+def test_agent_rollouts_train_exactly_the_models_tokens(agent_data, scripted, tmp_path):
+    stage, model = agent_stage(agent_data, tmp_path, alternating, "--temperature", 0.7)
+    source = stage.batch_source
+    source.next_batches(1)
+    trajectories = [t for g in source.groups for t in g.trajectories]
+    batch = source._micro_batch(torch.arange(len(trajectories)))  # the whole rollout, in group order
+    assert {g.record["conversations"][-1]["content"] for g in source.groups} == set(AGENT_CASES)
+
+    G, eos = 2, scripted.eos_id
+    with torch.no_grad():
+        for row, t in enumerate(trajectories):
+            n = max(i for i, m in enumerate(t.mask) if m) + 1  # up to the last reply (all of it here)
+            assert n == len(t.token_ids) and t.tool_results  # every case ran a tool
+            assert batch["inputs"][row, :n - 1].tolist() == t.token_ids[:n - 1]
+            want = [t.token_ids[k + 1] if t.mask[k + 1] else -100 for k in range(n - 1)]
+            got = batch["targets"][row].tolist()
+            assert got[:n - 1] == want and set(got[n - 1:]) <= {-100}
+            # The trained tokens are the replies with their end-of-turn tokens; never a tool result.
+            trained = [i for i in got if i != -100]
+            assert trained == [i for i, m in zip(t.token_ids, t.mask) if m] and trained.count(eos) == len(t.replies)
+            assert scripted.decode(trained) == "".join(r + "<|im_end|>" for r in t.replies)
+            # The rollout log-probs: the model on the trajectory alone, at the sampling temperature.
+            logits = model(torch.tensor([t.token_ids])).logits[0].double() / 0.7
+            for k in range(n - 1):
+                if t.mask[k + 1]:
+                    logp = torch.log_softmax(logits[k], -1)[t.token_ids[k + 1]].item()
+                    assert batch["old_logps"][row, k].item() == pytest.approx(logp, abs=2e-4)
+
+    # The loss on the batch, with the rollout log-probs moved so the ratios are not 1, against a
+    # computation token by token over each trajectory's own model tokens.
+    mask = batch["targets"] != -100
+    torch.manual_seed(0)
+    batch["old_logps"] = batch["old_logps"] - 0.3 * torch.rand(mask.shape) * mask
+    loss_sum, units, _ = stage.loss_fn(model, batch)
+    advantage = 0.5 / (0.5 + 1e-4)  # rewards 0, 1 in each group: mean 0.5, population std 0.5
+    s, want = stage.loss_fn.s, 0.0
+    with torch.no_grad():
+        for row, t in enumerate(trajectories):
+            a = advantage if row % G else -advantage
+            logits = model(torch.tensor([t.token_ids])).logits[0].double() / 0.7
+            terms = []
+            for k in range(len(t.token_ids) - 1):
+                if t.mask[k + 1]:
+                    ratio = math.exp(torch.log_softmax(logits[k], -1)[t.token_ids[k + 1]].item()
+                                     - batch["old_logps"][row, k].item())
+                    terms.append(-min(ratio * a, min(max(ratio, 1 - s.clip_low), 1 + s.clip_high) * a))
+            want += sum(terms) / len(terms)
+    assert units.item() == len(trajectories) and loss_sum.item() == pytest.approx(want, rel=1e-4)
+
+    # The agent metrics: per trajectory (the same six cases twice).
+    calls = [len(AGENT_CASES[q][1]) - 1 if q != "Loop" else 3 for q in AGENT_CASES]  # 1, 1, 1, 1, 2, 3
+    turns = [len(AGENT_CASES[q][1]) for q in AGENT_CASES]
+    assert batch["stat_tool_calls"].item() == pytest.approx(sum(calls) / 6)
+    assert batch["stat_invalid_call_share"].item() == pytest.approx(2 / sum(calls))  # Malformed, Unclosed
+    assert batch["stat_turns"].item() == pytest.approx(sum(turns) / 6)
+    assert batch["stat_end_answer"].item() == pytest.approx(5 / 6) and batch["stat_end_max_turns"].item() == \
+        pytest.approx(1 / 6) and batch["stat_end_length"].item() == batch["stat_end_context"].item() == 0
+    assert batch["stat_response_length"].item() == pytest.approx(sum(sum(t.mask) for t in trajectories) / 12)
+
+
+def test_agent_rewards_judge_the_final_answer_and_every_turns_calls(agent_data, scripted, tmp_path):
+    stage, _ = agent_stage(agent_data, tmp_path)  # the default rewards: math=1, tool_calls=0.5
+    source = stage.batch_source
+    source.next_batches(1)
+    by_question = {g.record["conversations"][-1]["content"]: g for g in source.groups}
+    rewards = {q: g.rewards.tolist() for q, g in by_question.items()}
+    assert rewards == {
+        "What is 256 * 37?": [1.5, 1.5],  # the right call and the right answer
+        "Two": [1.5, 1.5],  # two calls in two turns (an answer-only text would show none), both values
+        "Wrong": [0.5, 0.5],  # the right call, a wrong answer
+        "Malformed": [-0.5, -0.5],  # an invalid call: -1 for the calls (1 - (1 invalid + 1 missing) / 1)
+        "Unclosed": [-0.25, -0.25],  # 1 - (1 invalid + 2 missing) / 2 = -0.5
+        "Loop": [-0.5, -0.5],  # three calls for one value, and no answer
+    }
+    for group in by_question.values():
+        record = group.record
+        for t, text in zip(group.trajectories, group.texts):
+            # The rewards read the replies' text: its answer is the trajectory's, and its calls are all of
+            # them, as run_agents ran them (tool results, which can quote tool-call tags, are left out).
+            assert answer_text(text) == t.answer and "<tool_response>" not in text
+            expected = len(record["gt"])
+            want = max(-1.0, 1 - (t.invalid_calls + abs(t.valid_calls - expected)) / expected)
+            assert tool_call_reward(group.prompt, text, record) == want
+            assert math_reward(group.prompt, text, record) == math_reward("", t.answer, record)
+    assert "<tool_call>" in by_question["Unclosed"].trajectories[0].tool_results[0]  # why they are left out
+
+
+def test_agent_trajectories_end_at_max_total_len_and_ppo_steps_over_tool_results(agent_data, scripted, tmp_path):
+    tokenizer = scripted
+    schemas = tool_schemas(builtin_tools())
+    longest = max(len(tokenizer.encode(render_prompt(tokenizer, r, tools=schemas)))
+                  for r in open_rows(agent_data / "cases", "train", load_manifest(agent_data / "cases"), 0).records)
+    # Room for one reply; a second would not fit after the first reply and its tool result.
+    stage, _ = agent_stage(agent_data, tmp_path, None, "--max-prompt-len", longest, max_total_len=longest + 130)
+    source = stage.batch_source
+    source.next_batches(1)
+    trajectories = [t for g in source.groups for t in g.trajectories]
+    assert all(t.end == "context" and len(t.replies) == 1 for t in trajectories)
+    assert int(source.lengths.max()) <= longest + 130  # the unread tool results are not in the rows
+    targets = source.data["targets"]
+    assert all(targets[row][targets[row] != -100][-1] == tokenizer.eos_id for row in range(len(targets)))
+
+    # PPO over several turns: with a zero value head (its start) and no KL the returns are the reward
+    # discounted by lambda per MODEL token, so the tool results between replies do not count as steps.
+    stage, _ = agent_stage(agent_data, tmp_path, None, "--algo", "ppo", "--critic", "shared", "--kl-coef", 0,
+                           "--num-generations", 1, "--minibatches", 1)
+    source = stage.batch_source
+    source.next_batches(1)
+    data, lam = source.data, stage.loss_fn.s.lam
+    for row, group in enumerate(source.groups):
+        mask = data["targets"][row] != -100
+        n = int(mask.sum())
+        assert n == sum(group.trajectories[0].mask) and len(group.trajectories[0].replies) >= 2
+        reward = group.rewards[0].item()
+        assert data["returns"][row][mask].tolist() == pytest.approx([reward * lam ** (n - 1 - j) for j in range(n)],
+                                                                    abs=1e-5)
+        assert (data["returns"][row][~mask] == 0).all() and (data["advantages"][row][~mask] == 0).all()
+
+
+def test_agent_grpo_runs_end_to_end_on_the_synthetic_agent_data(agent_data, tmp_path):
+    """`nanomind rl` on a folder prepared as agent data rolls out with tools and logs the agent metrics."""
+    nanomind(["rl", "--algo", "grpo", "--data", str(agent_data / "agent"), "--init-from", str(agent_data / "init"),
+              "--out", str(tmp_path / "run"), "--device", "cpu", "--batch-size", "2", "--num-generations", "2",
+              "--max-new-tokens", "16", "--max-prompt-len", "1000", "--max-steps", "4", "--warmup-steps", "1",
+              "--lr", "1e-3"])
+    metrics = metrics_of(tmp_path / "run")
+    assert len(metrics) == 4 and all(math.isfinite(m["loss"]) for m in metrics)
+    keys = {"reward_math", "reward_tool_calls", "tool_calls", "invalid_call_share", "turns", "end_answer",
+            "end_max_turns", "end_length", "end_context"}
+    assert keys <= metrics[0].keys()
+    assert sum(metrics[0][f"end_{r}"] for r in ("answer", "max_turns", "length", "context")) == pytest.approx(1)
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    # Raw JSONL is agent data with --agent (prepared as such); a prepared folder says what it holds.
+    args = build_parser().parse_args(["rl", "--data", str(agent_data / "synth" / "agent_rl.jsonl"), "--out", "x"])
+    assert data_kind(args) == "rl" and data_kind(argparse_namespace(args, agent=True)) == "agent"
+    assert data_kind(argparse_namespace(args, data=[str(agent_data / "prompts")])) == "rl"
+
+
+def argparse_namespace(args, **changes):
+    return type(args)(**{**vars(args), **changes})

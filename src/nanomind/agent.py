@@ -80,13 +80,15 @@ def assistant_turn(text: str, thinking: bool, calls: list[ToolCall]) -> dict:
 
 
 def run_agents(model, tokenizer, conversations: Sequence[list[dict]], tools, params: SamplingParams | None = None,
-               max_turns: int = 3, thinking: bool | Sequence[bool] = False) -> list[Trajectory]:
+               max_turns: int = 3, thinking: bool | Sequence[bool] = False,
+               max_length: int | None = None) -> list[Trajectory]:
     """Continue every conversation for up to `max_turns` replies, running the tools it calls.
 
     `tools` are the Tool objects that can run (`builtin_tools()`, `load_tools(path)`); the prompt lists the
     tools a conversation carries on its system message (as MiniMind's agent data does), else these.
     A trailing empty assistant message (an RL record's placeholder) is dropped. `thinking` is one switch
-    for all, or one per conversation. With a `params.seed`, turn t samples with seed + t.
+    for all, or one per conversation. With a `params.seed`, turn t samples with seed + t. `max_length`
+    caps a trajectory below the model's context: one without room for another reply ends ("context").
     """
     params = params or SamplingParams()
     if params.stop:
@@ -114,7 +116,7 @@ def run_agents(model, tokenizer, conversations: Sequence[list[dict]], tools, par
         t.prompt_length = len(t.token_ids)
         trajectories.append(t)
 
-    context = model.config.max_position_embeddings
+    context = min(model.config.max_position_embeddings, max_length or model.config.max_position_embeddings)
     for turn in range(max_turns):
         for t in trajectories:
             if t.end is None and len(t.token_ids) + params.max_new_tokens > context:

@@ -506,6 +506,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlong-buffer", type=int,
                    help="penalise completions in the last N tokens before --max-new-tokens; unset: "
                         "max-new-tokens/4 for dapo, else 0")
+    g.add_argument("--agent", action="store_true",
+                   help="multi-turn tool rollouts on agent data (raw JSONL is prepared as agent data; a folder "
+                        "prepared with --kind agent needs no flag)")
+    g.add_argument("--max-turns", type=int, default=3, help="agent: most model replies per trajectory")
+    g.add_argument("--max-total-len", type=int, default=None,
+                   help="agent: longest trajectory in tokens; unset: 1024 (or the model's context if shorter)")
+    g.add_argument("--tools", type=Path, default=None,
+                   help="agent: a Python file of tool functions (default: the built-in calculator and unit converter)")
     g.add_argument("--critic", choices=["separate", "shared"], default="separate",
                    help="ppo value model: a copy of the policy with a value head, or a head on the policy itself")
     g.add_argument("--gamma", type=float, default=1.0, help="ppo: discount")

@@ -26,11 +26,28 @@ temperature, so r compares with the distribution the tokens were drawn from):
          whitened advantages, the clipped surrogate plus vf_coef * the clipped value loss
 k3 = exp(ref - logp) - (ref - logp) - 1 estimates KL(pi || ref); with --beta 0 there is no reference
 model in memory.
+
+Agent RL (multi-turn tool use) runs on agent data: a folder prepared with `nanomind prepare --kind agent`,
+or raw JSONL with --agent (which prepares it as agent data):
+
+  nanomind rl --algo grpo --agent --data agent_rl.jsonl --init-from runs/sft/model --out runs/agent
+
+A rollout is then `agent.run_agents`: all prompts x G trajectories decode together, turn by turn, for up
+to --max-turns replies; the tools (built-in, or --tools FILE) run between turns and their results are
+what the model reads next. A trajectory also ends when another reply of --max-new-tokens would not fit
+in --max-total-len tokens. It trains on exactly the tokens the model sampled (Trajectory.mask: each
+reply and its end-of-turn token); the prompt, the tool results and the template text around them are in
+the input but never a target. One trajectory is one sample: its reward (by default `math` on the final
+answer against the gt list plus 0.5 x `tool_calls`, valid calls against len(gt), over all its turns) gives
+one advantage for all its tokens (grpo, dapo, cispo). PPO's GAE steps from model token to model token:
+the tool results and template text between two replies are the environment's transition, not steps,
+so the last token of a reply bootstraps from the value at the first token of the next one.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import random
 from dataclasses import dataclass, field
@@ -41,15 +58,21 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .agent import Trajectory, run_agents
 from .data import conversation_tools
 from .generation import SamplingParams, decode_tokens
 from .model import NanoMind
+from .prepare import load_manifest
+from .tools import builtin_tools, load_tools, tool_schemas
 from .trainer import (RowSampler, Stage, StageInputs, TrainingError, autocast_context, load_full_weights, run_stage,
                       save_full_model, unwrap)
 
 ALGORITHMS = ("grpo", "dapo", "cispo", "ppo")
 VALUE_PREFIXES = ("value_head.", "critic.")  # parameters of the value model, inside the policy module
 VALUE_FILE = "value_model.safetensors"  # where checkpoints keep them, next to the plain policy weights
+AGENT_REWARDS = ["math=1", "tool_calls=0.5"]  # agent data's default: the final answer, then the calls
+END_REASONS = ("answer", "max_turns", "length", "context")  # why a trajectory stopped (Trajectory.end)
+ASSISTANT_TURN = "<|im_start|>assistant"  # where the chat template starts an assistant turn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,17 +124,24 @@ def clipped_value_loss(values, old_values, returns, clip: float) -> torch.Tensor
 
 
 def gae(rewards, values, mask, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over each row's span of completion tokens (mask); the episode
-    ends after the last one. Returns (advantages, returns = advantages + values), 0 outside the mask."""
-    mask = mask.to(values.dtype)
-    continues = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1)  # the next token is the episode's
-    deltas = rewards + gamma * torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1) * continues - values
-    advantages = torch.zeros_like(values)
-    last = torch.zeros_like(values[:, 0])
-    for t in reversed(range(values.shape[1])):
+    """Generalised advantage estimation over each row's completion tokens (mask), in order; the episode
+    ends after the last one. The step after a token is the row's next masked token: positions outside the
+    mask between two of them (an agent's tool results and template text) are part of the environment's
+    transition, not steps. Returns (advantages, returns = advantages + values), 0 outside the mask."""
+    mask = mask.bool()
+    # The masked positions first, in order: each row's steps become a contiguous prefix.
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+    steps = mask.gather(1, order).to(values.dtype)
+    r, v = rewards.gather(1, order), values.gather(1, order)
+    continues = torch.cat([steps[:, 1:], torch.zeros_like(steps[:, :1])], 1)  # the next step is the episode's
+    deltas = r + gamma * torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], 1) * continues - v
+    packed = torch.zeros_like(v)
+    last = torch.zeros_like(v[:, 0])
+    for t in reversed(range(int(steps.sum(1).max()) if steps.numel() else 0)):  # up to the longest episode
         last = deltas[:, t] + gamma * lam * continues[:, t] * last
-        advantages[:, t] = last
-    return advantages * mask, (advantages + values) * mask
+        packed[:, t] = last
+    advantages = torch.zeros_like(values).scatter(1, order, packed * steps)
+    return advantages, (advantages + values) * mask
 
 
 def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -137,15 +167,20 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, level: str) -> torch.
     return (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
 
 
-def training_layout(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
+def training_layout(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+                    masks: list[list[int]] | None = None):
     """Right-padded rows [prompt, completion, pad...] -> inputs (N, W-1), targets (N, W-1) holding the
-    completion tokens where they are predicted (-100 elsewhere), and each row's length (N,)."""
+    completion tokens where they are predicted (-100 elsewhere), and each row's length (N,). With
+    `masks` (one per completion, 1 on the tokens to train: an agent's replies), only those are targets."""
     lengths = torch.tensor([len(p) + len(c) for p, c in zip(prompts, completions)])
     tokens = torch.full((len(prompts), int(lengths.max())), pad_id, dtype=torch.long)
     targets = torch.full_like(tokens, -100)
     for row, (p, c) in enumerate(zip(prompts, completions)):
-        tokens[row, :len(p) + len(c)] = torch.tensor(p + c)
-        targets[row, len(p):len(p) + len(c)] = torch.tensor(c)
+        tokens[row, :len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+        completion = torch.tensor(c, dtype=torch.long)
+        if masks is not None:
+            completion[~torch.tensor(masks[row], dtype=torch.bool)] = -100
+        targets[row, len(p):len(p) + len(c)] = completion
     return tokens[:, :-1], targets[:, 1:], lengths
 
 
@@ -178,6 +213,10 @@ class RLSettings:
     vf_coef: float = 0.5
     value_clip: float = 0.2
     kl_coef: float = 0.0  # KL penalty in the per-token reward (ppo)
+    agent: bool = False  # multi-turn tool use: set by the data kind (see main)
+    max_turns: int = 3  # agent: most replies per trajectory
+    max_total_len: int | None = None  # agent: longest trajectory; None: 1024 or the model's context if shorter
+    tools: Path | None = None  # agent: a Python file of tool functions; None: the built-in tools
 
     @property
     def needs_reference(self) -> bool:
@@ -217,8 +256,8 @@ def settings_from_args(args) -> RLSettings:
         raise TrainingError(f"--num-generations must be >= 2 for {s.algo} (advantages compare samples of a prompt)")
     if s.dynamic_sampling and s.num_generations < 2:
         raise TrainingError("dynamic sampling compares the samples of a prompt: it needs --num-generations >= 2")
-    if min(s.ppo_epochs, s.minibatches, s.max_new_tokens) < 1:
-        raise TrainingError("--ppo-epochs, --minibatches and --max-new-tokens must be >= 1")
+    if min(s.ppo_epochs, s.minibatches, s.max_new_tokens, s.max_turns) < 1:
+        raise TrainingError("--ppo-epochs, --minibatches, --max-new-tokens and --max-turns must be >= 1")
     return s
 
 
@@ -340,20 +379,70 @@ class PolicyLoss:
 
 @dataclass
 class Group:
-    """One prompt and its G sampled completions (token ids end with EOS when the model stopped)."""
+    """One prompt and its G samples, not yet scored, then scored. A sample is a completion (its token ids
+    end with EOS when the model stopped); with agent data, a trajectory after its prompt up to its last
+    reply, whose `masks` mark the tokens the model sampled (its tool results and template text are 0)."""
 
     record: dict
+    prompt: str  # the templated prompt text the policy continued (what the rewards get as the prompt)
     prompt_ids: list[int]
     completions: list[list[int]]
-    texts: list[str]
-    stopped: list[bool]
-    rewards: torch.Tensor  # (G,)
+    texts: list[str]  # what the rewards judge: the answer; for a trajectory its assistant turns (replies_text)
+    stopped: list[bool]  # the model ended the sample itself (not cut at --max-new-tokens)
+    masks: list[list[int]] | None = None  # agent: 1 on the model's tokens of each completion
+    trajectories: list[Trajectory] | None = None  # agent: run_agents' record of each sample
+    rewards: torch.Tensor | None = None  # (G,)
     components: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def informative(self) -> bool:
         """Whether its rewards differ, so its advantages are not all zero."""
         return bool(self.rewards.max() > self.rewards.min())
+
+    def written(self) -> list[int]:
+        """How many tokens the model sampled in each sample."""
+        return [len(c) for c in self.completions] if self.masks is None else [sum(m) for m in self.masks]
+
+    def longest_replies(self) -> list[int]:
+        """The length of each sample's longest reply (a completion is one reply)."""
+        if self.masks is None:
+            return [len(c) for c in self.completions]
+        return [max((b - a for a, b in mask_runs(m)), default=0) for m in self.masks]
+
+
+def mask_runs(mask: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of 1s: a trajectory's replies."""
+    runs, start = [], None
+    for i, m in enumerate([*mask, 0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def model_span(t: Trajectory) -> tuple[list[int], list[int]]:
+    """A trajectory's tokens after its prompt, up to its last reply, and their mask. What follows the last
+    reply (the results of calls the model never got to read) is cut: nothing there is trained, and it
+    would only make the row longer than --max-total-len."""
+    end = max((i + 1 for i, m in enumerate(t.mask) if m), default=t.prompt_length)
+    return t.token_ids[t.prompt_length:end], t.mask[t.prompt_length:end]
+
+
+def replies_text(tokenizer, t: Trajectory) -> str:
+    """What the rewards judge of a trajectory: its assistant turns, each reply after the generation prompt
+    it continued, in order (the last one holds the final answer), without the tool results between them:
+    those are the tools' words, not the model's (an error message even quotes tool-call tags). So `math`
+    reads the last turn's answer and `tool_calls` counts the calls of every turn."""
+    text, start = "", t.prompt_length
+    for a, b in mask_runs(t.mask):
+        if a > start:  # the tool turn and the next generation prompt: keep the prompt only
+            between = tokenizer.decode(t.token_ids[start:a])
+            text += between[max(between.rfind(ASSISTANT_TURN), 0):]
+        text += tokenizer.decode(t.token_ids[a:b])
+        start = b
+    return text
 
 
 def _seed(*parts) -> int:
@@ -367,14 +456,15 @@ class RolloutBatches:
     Each process draws its own prompts (RowSampler shards them) and samples with its own seed; the
     sampler advances identically everywhere, even with dynamic sampling, so a checkpoint's position
     is every process's. A resume starts with a fresh rollout: it is exact when --save-every is a
-    multiple of the steps per rollout (ppo_epochs x minibatches)."""
+    multiple of the steps per rollout (ppo_epochs x minibatches). With `tools` (agent data) a sample
+    is a multi-turn trajectory that runs them."""
 
     def __init__(self, model: NanoMind, tokenizer, prompts, s: RLSettings, reward_fn, run, device,
                  batch_size: int, grad_accum: int, seed: int, precision: str = "auto",
-                 reference: NanoMind | None = None, sample_every: int = 0):
+                 reference: NanoMind | None = None, sample_every: int = 0, tools: list | None = None):
         self.model, self.tokenizer, self.prompts, self.s, self.reward_fn = model, tokenizer, prompts, s, reward_fn
         self.run, self.device, self.batch_size, self.grad_accum, self.seed = run, device, batch_size, grad_accum, seed
-        self.reference, self.sample_every = reference, sample_every
+        self.reference, self.sample_every, self.tools = reference, sample_every, tools
         self.autocast = autocast_context(device, precision)
         self.sampler = RowSampler(len(prompts), batch_size, run, seed)
         self.eos_ids = {tokenizer.eos_id, tokenizer.pad_id}
@@ -415,7 +505,8 @@ class RolloutBatches:
         G = s.num_generations
         prompts = [g.prompt_ids for g in kept for _ in range(G)]
         completions = [c for g in kept for c in g.completions]
-        inputs, targets, self.lengths = training_layout(prompts, completions, self.tokenizer.pad_id)
+        masks = [m for g in kept for m in g.masks] if self.tools is not None else None
+        inputs, targets, self.lengths = training_layout(prompts, completions, self.tokenizer.pad_id, masks)
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         mask = targets != -100
         rewards = torch.cat([g.rewards for g in kept]).to(self.device)
@@ -425,7 +516,8 @@ class RolloutBatches:
             token_rewards = torch.zeros_like(data["old_logps"])
             if "ref_logps" in data:
                 token_rewards -= s.kl_coef * (data["old_logps"] - data["ref_logps"]) * mask
-            last = self.lengths.to(self.device) - 2  # the input position that predicts the last token
+            # The input position that predicts the last token (an agent's row ends with its last reply).
+            last = self.lengths.to(self.device) - 2
             token_rewards[torch.arange(len(last), device=self.device), last] += rewards
             advantages, data["returns"] = gae(token_rewards, data["old_values"], mask, s.gamma, s.lam)
             data["advantages"] = whiten(advantages, mask)
@@ -468,36 +560,64 @@ class RolloutBatches:
 
     @torch.no_grad()
     def _generate(self, records: list[dict], seed: int) -> list[Group]:
-        """Sample G completions of each prompt, all rows decoded together, and score them."""
-        s, tokenizer, G = self.s, self.tokenizer, self.s.num_generations
+        """Sample G completions (agent data: trajectories) of each prompt, all rows decoded together, and
+        score them."""
+        s, G = self.s, self.s.num_generations
         draw = random.Random(seed)
-        texts = [render_prompt(tokenizer, r, thinking=draw.random() < s.thinking_ratio) for r in records]
-        prompt_ids = tokenizer.encode_batch(texts)
-        rows = [ids for ids in prompt_ids for _ in range(G)]
+        thinking = [draw.random() < s.thinking_ratio for _ in records]
         params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                top_k=s.top_k, seed=seed, eos_ids=list(self.eos_ids))
-        completions, stopped = [[] for _ in rows], [False] * len(rows)
+                                top_k=s.top_k, seed=seed)
         with self.autocast:
-            for next_ids in decode_tokens(self.model, rows, params):
-                for i, token in enumerate(next_ids):
-                    if not stopped[i]:
-                        completions[i].append(token)
-                        stopped[i] = token in self.eos_ids
-                if all(stopped):
-                    break
-        answers = [tokenizer.decode(c[:-1] if done else c) for c, done in zip(completions, stopped)]
-        rewards, components = self.reward_fn([t for t in texts for _ in range(G)], answers,
-                                             [r for r in records for _ in range(G)])
+            groups = (self._sample_trajectories if self.tools is not None else self._sample_completions)(
+                records, thinking, params)
+        rewards, components = self.reward_fn([g.prompt for g in groups for _ in range(G)],
+                                             [text for g in groups for text in g.texts],
+                                             [g.record for g in groups for _ in range(G)])
         rewards = torch.as_tensor(rewards).float().cpu()
         components = {k: torch.as_tensor(v).float().cpu() for k, v in components.items()}
-        if s.overlong_buffer:
-            penalty = overlong_penalty(torch.tensor([len(c) for c in completions]), s.max_new_tokens,
-                                       s.overlong_buffer)
+        if s.overlong_buffer:  # on an agent's longest reply: the one closest to the limit
+            longest = torch.tensor([n for g in groups for n in g.longest_replies()])
+            penalty = overlong_penalty(longest, s.max_new_tokens, s.overlong_buffer)
             rewards, components = rewards + penalty, {**components, "overlong": penalty}
-        return [Group(records[i], prompt_ids[i], completions[i * G:(i + 1) * G], answers[i * G:(i + 1) * G],
-                      stopped[i * G:(i + 1) * G], rewards[i * G:(i + 1) * G],
-                      {k: v[i * G:(i + 1) * G] for k, v in components.items()})
-                for i in range(len(records))]
+        for i, group in enumerate(groups):
+            group.rewards = rewards[i * G:(i + 1) * G]
+            group.components = {k: v[i * G:(i + 1) * G] for k, v in components.items()}
+        return groups
+
+    def _sample_completions(self, records: list[dict], thinking: list[bool], params: SamplingParams) -> list[Group]:
+        """One reply per sample, G per prompt, all rows decoded together by the KV-cached generator."""
+        tokenizer, G = self.tokenizer, self.s.num_generations
+        texts = [render_prompt(tokenizer, r, thinking=th) for r, th in zip(records, thinking)]
+        prompt_ids = tokenizer.encode_batch(texts)
+        rows = [ids for ids in prompt_ids for _ in range(G)]
+        params = dataclasses.replace(params, eos_ids=list(self.eos_ids))
+        completions, stopped = [[] for _ in rows], [False] * len(rows)
+        for next_ids in decode_tokens(self.model, rows, params):
+            for i, token in enumerate(next_ids):
+                if not stopped[i]:
+                    completions[i].append(token)
+                    stopped[i] = token in self.eos_ids
+            if all(stopped):
+                break
+        answers = [tokenizer.decode(c[:-1] if done else c) for c, done in zip(completions, stopped)]
+        return [Group(records[i], texts[i], prompt_ids[i], completions[i * G:(i + 1) * G],
+                      answers[i * G:(i + 1) * G], stopped[i * G:(i + 1) * G]) for i in range(len(records))]
+
+    def _sample_trajectories(self, records: list[dict], thinking: list[bool], params: SamplingParams) -> list[Group]:
+        """G multi-turn trajectories per prompt, all decoded together turn by turn, the tools run between turns."""
+        s, tokenizer, G = self.s, self.tokenizer, self.s.num_generations
+        trajectories = run_agents(self.model, tokenizer, [r["conversations"] for r in records for _ in range(G)],
+                                  self.tools, params, s.max_turns, [th for th in thinking for _ in range(G)],
+                                  max_length=s.max_total_len)
+        groups = []
+        for i, record in enumerate(records):
+            samples = trajectories[i * G:(i + 1) * G]
+            prompt_ids = samples[0].token_ids[:samples[0].prompt_length]
+            spans = [model_span(t) for t in samples]
+            groups.append(Group(record, tokenizer.decode(prompt_ids), prompt_ids, [c for c, _ in spans],
+                                [replies_text(tokenizer, t) for t in samples], [t.end != "length" for t in samples],
+                                masks=[m for _, m in spans], trajectories=samples))
+        return groups
 
     @torch.no_grad()
     def _score(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict:
@@ -526,7 +646,7 @@ class RolloutBatches:
     def _statistics(self, generated: list[Group], kept: list[Group]) -> dict[str, torch.Tensor]:
         rewards = torch.cat([g.rewards for g in generated])
         stats = {"reward": rewards.mean(), "reward_std": rewards.std(correction=0),
-                 "response_length": torch.tensor([len(c) for g in generated for c in g.completions]).float().mean(),
+                 "response_length": torch.tensor([n for g in generated for n in g.written()]).float().mean(),
                  "truncated": torch.tensor([not d for g in generated for d in g.stopped]).float().mean()}
         if self.s.num_generations > 1:  # groups whose advantages are all zero
             stats["uniform_groups"] = torch.tensor([not g.informative for g in generated]).float().mean()
@@ -534,7 +654,15 @@ class RolloutBatches:
             stats["uninformative_kept"] = torch.tensor([not g.informative for g in kept]).float().mean()
         for name in generated[0].components:
             stats[f"reward_{name}"] = torch.cat([g.components[name] for g in generated]).mean()
-        return {f"stat_{k}": v.to(self.device) for k, v in stats.items()}
+        if self.tools is not None:  # per trajectory; every end reason always, so all processes log the same keys
+            samples = [t for g in generated for t in g.trajectories]
+            calls = sum(len(t.tool_calls) for t in samples)
+            stats.update(tool_calls=torch.tensor(calls / len(samples)),
+                         invalid_call_share=torch.tensor(sum(t.invalid_calls for t in samples) / max(calls, 1)),
+                         turns=torch.tensor(sum(len(t.replies) for t in samples) / len(samples)))
+            for reason in END_REASONS:
+                stats[f"end_{reason}"] = torch.tensor(sum(t.end == reason for t in samples) / len(samples))
+        return {f"stat_{k}": v.float().to(self.device) for k, v in stats.items()}
 
     def _micro_batch(self, rows: torch.Tensor) -> dict:
         width = int(self.lengths[rows].max()) - 1
@@ -542,18 +670,21 @@ class RolloutBatches:
         return {**{k: v[rows, :width] for k, v in self.data.items()}, **self.stats}
 
 
-def render_prompt(tokenizer, record: dict, thinking: bool = False) -> str:
+def render_prompt(tokenizer, record: dict, thinking: bool = False, tools: list | None = None) -> str:
+    """The record's prompt as the policy reads it; `tools` are the schemas offered when the record carries
+    none (agent rollouts offer the tools they run, as run_agents does)."""
     messages = record["conversations"]
-    return tokenizer.apply_chat_template(messages, tools=conversation_tools(messages), add_generation_prompt=True,
-                                         open_thinking=thinking)
+    return tokenizer.apply_chat_template(messages, tools=conversation_tools(messages) or tools,
+                                         add_generation_prompt=True, open_thinking=thinking)
 
 
 class PromptPool:
     """The prompt records that fit --max-prompt-len tokens (rendered), as rows for RowSampler."""
 
-    def __init__(self, rows, tokenizer, max_prompt_len: int):
+    def __init__(self, rows, tokenizer, max_prompt_len: int, tools: list | None = None):
         records = rows.rows(range(len(rows)))
-        lengths = [len(ids) for ids in tokenizer.encode_batch([render_prompt(tokenizer, r) for r in records])]
+        lengths = [len(ids) for ids in tokenizer.encode_batch([render_prompt(tokenizer, r, tools=tools)
+                                                               for r in records])]
         self.records = [r for r, n in zip(records, lengths) if n <= max_prompt_len]
         self.dropped = len(records) - len(self.records)
 
@@ -593,28 +724,39 @@ def make_stage(inputs: StageInputs, s: RLSettings, reward_fn=None) -> Stage:
     args, model, run = inputs.args, inputs.model, inputs.run
     model.to(inputs.device)
     if reward_fn is None:
-        reward_fn = reward_function(args.reward or ["math"], inputs.tokenizer, args.reward_model, inputs.device)
-    prompts = PromptPool(inputs.train_rows, inputs.tokenizer, s.max_prompt_len)
+        reward_fn = reward_function(args.reward or (AGENT_REWARDS if s.agent else ["math"]), inputs.tokenizer,
+                                    args.reward_model, inputs.device)
+    context = model.config.max_position_embeddings
+    tools, limit = None, ("the model's context", context)
+    if s.agent:
+        tools = load_tools(s.tools) if s.tools else builtin_tools()
+        s = dataclasses.replace(s, max_total_len=s.max_total_len or min(1024, context))
+        if s.max_total_len > context:
+            raise TrainingError(f"--max-total-len {s.max_total_len} exceeds the model's context of {context} positions")
+        limit = ("--max-total-len", s.max_total_len)
+    prompts = PromptPool(inputs.train_rows, inputs.tokenizer, s.max_prompt_len,
+                         tool_schemas(tools) if tools is not None else None)
     if len(prompts) == 0:
         raise TrainingError(f"no prompt fits --max-prompt-len {s.max_prompt_len} tokens")
-    context = s.max_prompt_len + s.max_new_tokens
-    if context > model.config.max_position_embeddings:
-        raise TrainingError(f"--max-prompt-len + --max-new-tokens ({context}) exceeds the model's context of "
-                            f"{model.config.max_position_embeddings} positions")
+    if s.max_prompt_len + s.max_new_tokens > limit[1]:
+        raise TrainingError(f"--max-prompt-len + --max-new-tokens ({s.max_prompt_len + s.max_new_tokens}) exceeds "
+                            f"{limit[0]} ({limit[1]} positions): lower one of them")
     reference = copy.deepcopy(model).eval().requires_grad_(False) if s.needs_reference else None
     if s.algo == "ppo":
         add_value_model(model, s.critic)
     source = RolloutBatches(model, inputs.tokenizer, prompts, s, reward_fn, run, inputs.device, args.batch_size,
-                            args.grad_accum, args.seed, args.precision, reference, args.sample_every)
+                            args.grad_accum, args.seed, args.precision, reference, args.sample_every, tools)
     if run.is_main:
         rollout = args.batch_size * s.num_generations
-        print(f"rl: {s.algo} on {len(prompts)} prompts" + (f" ({prompts.dropped} longer than --max-prompt-len "
-                                                          "skipped)" if prompts.dropped else "")
+        print(f"rl: {s.algo} on {len(prompts)} {'agent ' if s.agent else ''}prompts"
+              + (f" ({prompts.dropped} longer than --max-prompt-len skipped)" if prompts.dropped else "")
               + f" | {args.batch_size} prompts x {s.num_generations} samples per process per rollout, "
               f"{s.ppo_epochs} pass(es) x {s.minibatches} minibatches of ~{rollout // s.minibatches} | clip "
               f"{s.clip_low}/{s.clip_high}, {s.loss_agg}-level loss"
               + (f" | reference: a frozen copy (KL {s.kl_coef if s.algo == 'ppo' else s.beta})" if reference else "")
-              + (f" | value model: {s.critic}" if s.algo == "ppo" else ""))
+              + (f" | value model: {s.critic}" if s.algo == "ppo" else "")
+              + (f" | agent: up to {s.max_turns} turns of {len(tools)} tools "
+                 f"({', '.join(t.name for t in tools)}), {s.max_total_len} tokens at most" if s.agent else ""))
         if args.save_every and args.save_every % s.steps_per_rollout:
             print(f"rl: note: --save-every {args.save_every} is not a multiple of the {s.steps_per_rollout} steps "
                   "per rollout; a resume from such a checkpoint starts a fresh rollout")
@@ -624,11 +766,23 @@ def make_stage(inputs: StageInputs, s: RLSettings, reward_fn=None) -> Stage:
                  save_fn=save_policy, load_fn=load_policy, batch_source=source)
 
 
+def data_kind(args) -> str:
+    """"agent" (multi-turn tool rollouts) for agent data: --agent (raw JSONL is then prepared as agent
+    data), or a folder prepared as agent data; else "rl"."""
+    if getattr(args, "agent", False):
+        return "agent"
+    folder = Path(args.data[0])
+    if len(args.data) == 1 and (folder / "manifest.json").is_file():
+        return "agent" if load_manifest(folder)["kind"] == "agent" else "rl"
+    return "rl"
+
+
 def main(args, reward_fn=None) -> dict:
     """`nanomind rl`; `reward_fn(prompts, completions, samples) -> (rewards, components)` replaces --reward."""
     if args.init_from is None:
         raise TrainingError("rl improves an existing model: pass --init-from CHECKPOINT (usually the SFT model)")
     if args.fsdp:
         raise TrainingError("rl trains under plain DDP (every process generates with the whole model); drop --fsdp")
-    s = settings_from_args(args)
-    return run_stage(args, "rl", lambda inputs: make_stage(inputs, s, reward_fn))
+    kind = data_kind(args)
+    s = dataclasses.replace(settings_from_args(args), agent=kind == "agent")
+    return run_stage(args, kind, lambda inputs: make_stage(inputs, s, reward_fn))
