@@ -47,17 +47,17 @@ def test_the_main_job_trains_saves_and_samples(tmp_path):
     """The README's first command at its test size: every stage runs, the final checkpoint loads in
     transformers, and a rerun skips the finished stages."""
     result = run("demo", "--out", tmp_path / "demo", "--size", "test")
-    for stage in ("data", "tokenizer", "pretrain", "sft", "lora", "dpo", "distill", "grpo", "chat"):
+    for stage in ("data", "tokenizer", "pretrain", "sft", "lora", "dpo", "distill", "grpo", "agent", "chat"):
         assert f"[{stage}]" in result.stdout
     assert "$ nanomind pretrain --data" in result.stdout and "M parameters" in result.stdout
     assert (tmp_path / "demo" / "lora" / "adapter" / "adapter_config.json").exists()
     assert (tmp_path / "demo" / "distill" / "model" / "config.json").exists()
     assert "nanomind chat --model" in result.stdout and "nanomind serve --model" in result.stdout
-    checkpoint = tmp_path / "demo" / "grpo" / "model"
+    checkpoint = tmp_path / "demo" / "agent" / "model"
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     rerun = run("demo", "--out", tmp_path / "demo", "--size", "test")
-    for stage in ("pretrain", "sft", "lora", "dpo", "distill", "grpo"):
+    for stage in ("pretrain", "sft", "lora", "dpo", "distill", "grpo", "agent"):
         assert f"[{stage}] already done, skipping" in rerun.stdout
     ids = tokenizer("3 plus 4 equals", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -8,11 +8,12 @@
   6. dpo        `nanomind dpo` on chosen/rejected pairs, from the SFT model     -> DIR/dpo/model
   7. distill    `nanomind distill`: a smaller student taught by the SFT model   -> DIR/distill/model
   8. grpo       `nanomind rl --algo grpo` on checkable questions, from DPO      -> DIR/grpo/model
-  9. chat       a few held-out questions answered by the final model
+  9. agent      `nanomind rl --agent`: multi-turn tool use (calculator, units)  -> DIR/agent/model
+ 10. chat       a few held-out questions answered by the final model
 
 Each stage runs the very command a user would type (they are printed), writes its own folder and a
 `DONE` marker; a rerun skips finished stages, so a killed demo continues where it stopped. Later
-stages (agent RL, evaluation, report) join as they land.
+stages (evaluation, report) join as they land.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ SIZES = {
     "test": dict(curriculum="tiny", vocab=600,
                  model=["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
                  student=["--hidden-size", "32", "--num-layers", "2", "--intermediate-size", "96", "--head-dim", "8"],
-                 seconds=dict(pretrain=8, sft=6, lora=3, dpo=3, distill=3, grpo=4)),
+                 seconds=dict(pretrain=8, sft=6, lora=3, dpo=3, distill=3, grpo=4, agent=4)),
     "tiny": dict(curriculum="small", vocab=2048, model=[],
                  student=["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
-                 seconds=dict(pretrain=150, sft=90, lora=45, dpo=45, distill=60, grpo=90)),
+                 seconds=dict(pretrain=150, sft=90, lora=45, dpo=45, distill=60, grpo=90, agent=90)),
 }
 
 
@@ -82,8 +83,8 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
     def training(command: str, name: str, *flags: str) -> list[str]:
         # Every training stage: time-boxed, checkpointed, resumable; epochs only cap very fast machines.
         return [command, *flags, "--time-budget", str(seconds[name]), "--epochs", "20", "--resume",
-                "--out", str(out / name), "--device", device, "--seed", str(seed), "--eval-every", "50",
-                "--save-every", "50"]
+                "--out", str(out / name), "--device", device, "--seed", str(seed), "--eval-every", "48",
+                "--save-every", "48"]
 
     stage(out, "pretrain", training("pretrain", "pretrain", "--data", str(data / "pretrain.jsonl"),
                                     "--tokenizer", str(tokenizer), "--preset", "tiny", *plan["model"],
@@ -104,7 +105,12 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
                                 "--init-from", str(out / "dpo" / "model"), "--reward", "math", "--num-generations", "8",
                                 "--batch-size", "4", "--max-new-tokens", "48", "--temperature", "1.0", "--lr", "1e-5",
                                 "--warmup-steps", "5"))
-    final = out / "grpo" / "model"
+    stage(out, "agent", training("rl", "agent", "--agent", "--algo", "grpo", "--data", str(data / "agent_rl.jsonl"),
+                                 "--init-from", str(out / "grpo" / "model"), "--num-generations", "4",
+                                 "--batch-size", "4", "--max-turns", "3", "--max-new-tokens", "64",
+                                 "--max-prompt-len", "1024", "--max-total-len", "1536", "--lr", "1e-5",
+                                 "--warmup-steps", "5"))
+    final = out / "agent" / "model"
     chat_samples(final, held_out_questions(data / "eval_sft.jsonl", 4))
     print(f"\ndone in {time.perf_counter() - started:.0f}s. The final model is {final} (a Hugging Face Qwen3 folder);\n"
           f"the SFT model with the domain adapter: --model {sft} --adapter {out / 'lora' / 'adapter'}.\nTry:\n"

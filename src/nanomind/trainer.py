@@ -500,7 +500,7 @@ def autocast_context(device: torch.device, precision: str):
 
 def peak_flops_per_process(device: torch.device) -> float:
     """The FLOP/s that MFU is measured against: the dense bf16 peak of common GPUs (H100/H200 SXM:
-    989 TFLOPS); on a CPU, the fp32 matmul rate measured here and now (best of a few 512^3 products),
+    989 TFLOPS); on a CPU, the fp32 matmul rate measured here and now (best of a few 1024^3 products),
     so the figure reads as "share of what this machine's matmuls can do"."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -509,13 +509,13 @@ def peak_flops_per_process(device: torch.device) -> float:
             if key in name:
                 return flops
         return 100e12
-    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     best = float("inf")
-    for _ in range(5):
+    for _ in range(3):
         start = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - start)
-    return 2 * 512**3 / best
+    return 2 * 1024**3 / best
 
 
 class MetricSinks:
