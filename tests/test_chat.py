@@ -103,3 +103,10 @@ def test_ctrl_c_stops_the_reply_not_the_program(model_dir, tmp_path):
     process.stdin.flush()
     assert process.wait(timeout=30) == 0  # still alive after Ctrl-C, and quits cleanly
     assert "Traceback" not in process.stderr.read()
+
+
+def test_generate_chat_shows_reasoning_then_answer(model_dir, capsys):
+    from nanomind import cli
+    cli.main(["generate", "--model", str(model_dir), "--chat", "--think", "--prompt", SKY_QUESTION[0]["content"],
+              "--max-new-tokens", "40", "--device", "cpu"])
+    assert capsys.readouterr().out == f"[reasoning]\n{SKY_REASONING}\n\n[answer]\n{SKY_ANSWER}"

@@ -168,6 +168,7 @@ def sampling_params(args, **extra):
 
 def cmd_generate(args):
     from .generation import stream
+    from .reply_parser import ReplyParser
 
     if (args.prompt is None) == (args.data is None):
         raise ValueError("pass either --prompt TEXT or --data PROMPTS.jsonl (with --out)")
@@ -189,8 +190,22 @@ def cmd_generate(args):
     start = time.perf_counter()
     if not args.chat:
         print(prompt, end="", flush=True)
+    # A chat reply is shown as its parts: the reasoning (with --think), then the answer.
+    parser = ReplyParser(args.think, parse_tools=False) if args.chat else None
+    shown = None
+
+    def show(events) -> None:
+        nonlocal shown
+        for kind, piece in events:
+            if args.think and kind != shown:
+                print(("\n\n" if shown else "") + f"[{'reasoning' if kind == 'reasoning' else 'answer'}]")
+                shown = kind
+            print(piece, end="", flush=True)
+
     for piece in text:
-        print(piece, end="", flush=True)
+        show(parser.push(piece) if parser else [("text", piece)])
+    if parser:
+        show(parser.finish())
     elapsed = time.perf_counter() - start
     n = len(text.completion.token_ids)
     print(f"\n[{n} tokens in {elapsed:.2f}s, {n / max(elapsed, 1e-9):.1f} tokens/s, "
