@@ -1,0 +1,146 @@
+"""Outcomes of the fine-tuning stages (LoRA, DPO, distillation) on the built-in curriculum.
+
+One run on this machine, with the same commands a user types (each is printed):
+  base      data synth (small) -> tokenizer -> pretrain `tiny` -> SFT: the model the stages start from
+  LoRA      on lora_domain.jsonl: held-out domain loss gain, and the change of the general held-out
+            SFT loss (forgetting)
+  DPO       on dpo.jsonl: held-out preference accuracy (eval_dpo.jsonl) before and after (target >= 80%),
+            and steps/s with the live reference vs --precompute-ref
+  distill   a smaller student trained on sft.jsonl by plain SFT and by distillation from the SFT model,
+            same steps and seed: the share of the teacher-student validation-loss gap that
+            distillation closes compared with plain SFT (target >= 50%)
+
+  python benchmarks/bench_finetune.py [--quick] [--write] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench_core import RESULTS_PATH, replace_section
+from nanomind.checkpoint import load_model
+from nanomind.demo import run_command
+from nanomind.evaluation import held_out_loss, preference_accuracy
+from nanomind.lora import load_adapter
+from nanomind.tokenizer import Tokenizer
+
+STUDENT = ["--preset", "tiny", "--hidden-size", "64", "--num-layers", "2", "--head-dim", "16",
+           "--intermediate-size", "192"]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in open(run / "metrics.jsonl")]
+
+
+def steps_per_s(run: Path) -> float:
+    """Median optimizer steps per second (the first steps, with warm-up effects, left out)."""
+    rows = metrics(run)[3:]
+    return float(np.median([r["tokens_per_s"] / r["tokens"] for r in rows if r["tokens"]]))
+
+
+def train(argv: list[str], out: Path) -> Path:
+    if not (out / "metrics.jsonl").exists() or not any((out / n).exists() for n in ("model", "adapter")):
+        run_command(argv + ["--out", str(out), "--eval-every", "1000000", "--device", "cpu"])
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny curriculum, few steps")
+    p.add_argument("--write", action="store_true", help=f"replace the '## Fine-tuning' section of {RESULTS_PATH.name}")
+    p.add_argument("--work", type=Path, default=Path("/tmp/nanomind-bench-finetune"),
+                   help="working folder (finished runs in it are reused)")
+    args = p.parse_args()
+    steps = ({"pretrain": 30, "sft": 20, "lora": 10, "dpo": 10, "distill": 20} if args.quick else
+             {"pretrain": 800, "sft": 400, "lora": 150, "dpo": 150, "distill": 400})
+    work, started = args.work, time.perf_counter()
+    data, tok = work / "data", work / "tokenizer"
+    if not (data / "manifest.json").exists():
+        run_command(["data", "synth", "--out", str(data), "--size", "tiny" if args.quick else "small"])
+    if not (tok / "tokenizer.json").exists():
+        run_command(["tokenizer", "train", "--data", str(data / "pretrain.jsonl"), str(data / "sft.jsonl"),
+                     "--vocab-size", "2048", "--out", str(tok)])
+    pretrain = train(["pretrain", "--data", str(data / "pretrain.jsonl"), "--tokenizer", str(tok), "--preset", "tiny",
+                      "--seq-len", "256", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "20",
+                      "--max-steps", str(steps["pretrain"])], work / "pretrain")
+    sft = train(["sft", "--data", str(data / "sft.jsonl"), "--init-from", str(pretrain / "model"), "--seq-len", "768",
+                 "--batch-size", "8", "--lr", "1e-3", "--warmup-steps", "10", "--max-steps", str(steps["sft"])],
+                work / "sft") / "model"
+    tokenizer = Tokenizer.load(sft)
+
+    def sft_loss(model, file: str) -> float:
+        return held_out_loss(model, tokenizer, sft, [data / file], seq_len=768)["loss"]
+
+    # LoRA on the domain set
+    lora = train(["lora", "--data", str(data / "lora_domain.jsonl"), "--init-from", str(sft), "--seq-len", "768",
+                  "--batch-size", "8", "--lr", "3e-3", "--rank", "8", "--alpha", "16", "--warmup-steps", "10",
+                  "--max-steps", str(steps["lora"])], work / "lora")
+    base_model, tuned = load_model(sft), load_adapter(load_model(sft), lora / "adapter")
+    lora_result = {name: (sft_loss(base_model, file), sft_loss(tuned, file))
+                   for name, file in (("domain", "eval_lora_domain.jsonl"), ("general", "eval_sft.jsonl"))}
+
+    # DPO, with the live and the precomputed reference (same steps, same seed)
+    dpo_common = ["dpo", "--data", str(data / "dpo.jsonl"), "--init-from", str(sft), "--seq-len", "256",
+                  "--batch-size", "8", "--lr", "1e-4", "--beta", "0.1", "--warmup-steps", "10",
+                  "--max-steps", str(steps["dpo"])]
+    dpo_live = train(dpo_common, work / "dpo-live")
+    dpo_pre = train(dpo_common + ["--precompute-ref"], work / "dpo-precomputed")
+    eval_dpo = [data / "eval_dpo.jsonl"]
+    preference = {"before": preference_accuracy(base_model, tokenizer, sft, eval_dpo, seq_len=256),
+                  "after": preference_accuracy(load_model(dpo_pre / "model"), tokenizer, sft, eval_dpo, seq_len=256),
+                  "reward_after": preference_accuracy(load_model(dpo_pre / "model"), tokenizer, sft, eval_dpo,
+                                                      seq_len=256, reference=base_model)}
+
+    # Distillation of a smaller student from the SFT model, against plain SFT of the same student
+    student_common = ["--data", str(data / "sft.jsonl"), "--tokenizer", str(tok), *STUDENT, "--seq-len", "768",
+                      "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "10", "--max-steps", str(steps["distill"])]
+    plain = train(["sft", *student_common], work / "student-sft")
+    distilled = train(["distill", "--teacher", str(sft), "--alpha", "0.2", "--temperature", "2.0", *student_common],
+                      work / "student-distill")
+    teacher_loss = sft_loss(base_model, "eval_sft.jsonl")
+    plain_loss = sft_loss(load_model(plain / "model"), "eval_sft.jsonl")
+    distilled_loss = sft_loss(load_model(distilled / "model"), "eval_sft.jsonl")
+    gap_closed = (plain_loss - distilled_loss) / (plain_loss - teacher_loss) if plain_loss > teacher_loss else float("nan")
+
+    live, pre = steps_per_s(dpo_live), steps_per_s(dpo_pre)
+    (d0, d1), (g0, g1) = lora_result["domain"], lora_result["general"]
+    rows = [
+        ("LoRA: domain held-out loss (eval_lora_domain)", f"{d0:.3f} -> {d1:.3f}", f"{d0 - d1:+.3f} gain", "a gain", d1 < d0),
+        ("LoRA: general held-out loss (eval_sft), forgetting", f"{g0:.3f} -> {g1:.3f}", f"{g1 - g0:+.3f}",
+         "small", None),
+        ("DPO: held-out preference accuracy (log-prob of chosen > rejected)",
+         f"{preference['before']['accuracy']:.1%} -> {preference['after']['accuracy']:.1%}", "",
+         ">= 80% after", preference["after"]["accuracy"] >= 0.8),
+        ("DPO: held-out reward accuracy (vs the SFT reference)", f"{preference['reward_after']['accuracy']:.1%}", "", "", None),
+        ("DPO steps/s: live reference vs --precompute-ref", f"{live:.2f} vs {pre:.2f}", f"{pre / live:.2f}x", "", None),
+        ("Distillation: eval_sft loss teacher / plain-SFT student / distilled student",
+         f"{teacher_loss:.3f} / {plain_loss:.3f} / {distilled_loss:.3f}", f"{gap_closed:.0%} of the gap closed",
+         ">= 50%", gap_closed >= 0.5),
+    ]
+    table = ["| Outcome | Value | Change | Target | Met |", "|---|---:|---:|---|---|"]
+    table += [f"| {a} | {b} | {c} | {d} | {'' if e is None else ('yes' if e else '**no**')} |" for a, b, c, d, e in rows]
+    elapsed = time.perf_counter() - started
+    section = "\n".join([
+        "## Fine-tuning: LoRA, DPO, distillation", "",
+        f"On the built-in curriculum ({'tiny' if args.quick else 'small'}), CPU, one run "
+        f"({elapsed / 60:.0f} min): `python benchmarks/bench_finetune.py{' --quick' if args.quick else ''} --write`. "
+        f"Base: `tiny` preset, {steps['pretrain']} pretraining + {steps['sft']} SFT steps. LoRA r=8 for "
+        f"{steps['lora']} steps; DPO sigmoid beta 0.1 for {steps['dpo']} steps; the student (hidden 64, 2 layers) "
+        f"trained {steps['distill']} steps from the same initialisation by SFT and by distillation "
+        "(alpha 0.2, T 2, forward KL) from the SFT model.", "", *table, ""])
+    print("\n" + section)
+    if args.write:
+        replace_section(RESULTS_PATH, "## Fine-tuning", section)
+        print(f"wrote {RESULTS_PATH}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    sys.exit(main())
