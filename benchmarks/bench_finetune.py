@@ -80,7 +80,7 @@ def main() -> None:
 
     # LoRA on the domain set
     lora = train(["lora", "--data", str(data / "lora_domain.jsonl"), "--init-from", str(sft), "--seq-len", "768",
-                  "--batch-size", "8", "--lr", "3e-3", "--rank", "8", "--alpha", "16", "--warmup-steps", "10",
+                  "--batch-size", "8", "--lr", "1e-3", "--rank", "8", "--alpha", "16", "--warmup-steps", "10",
                   "--max-steps", str(steps["lora"])], work / "lora")
     base_model, tuned = load_model(sft), load_adapter(load_model(sft), lora / "adapter")
     lora_result = {name: (sft_loss(base_model, file), sft_loss(tuned, file))
@@ -102,7 +102,7 @@ def main() -> None:
     student_common = ["--data", str(data / "sft.jsonl"), "--tokenizer", str(tok), *STUDENT, "--seq-len", "768",
                       "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "10", "--max-steps", str(steps["distill"])]
     plain = train(["sft", *student_common], work / "student-sft")
-    distilled = train(["distill", "--teacher", str(sft), "--alpha", "0.2", "--temperature", "2.0", *student_common],
+    distilled = train(["distill", "--teacher", str(sft), "--alpha", "0.5", "--temperature", "1.0", *student_common],
                       work / "student-distill")
     teacher_loss = sft_loss(base_model, "eval_sft.jsonl")
     plain_loss = sft_loss(load_model(plain / "model"), "eval_sft.jsonl")
@@ -132,9 +132,9 @@ def main() -> None:
         f"On the built-in curriculum ({'tiny' if args.quick else 'small'}), CPU, one run "
         f"({elapsed / 60:.0f} min): `python benchmarks/bench_finetune.py{' --quick' if args.quick else ''} --write`. "
         f"Base: `tiny` preset, {steps['pretrain']} pretraining + {steps['sft']} SFT steps. LoRA r=8 for "
-        f"{steps['lora']} steps; DPO sigmoid beta 0.1 for {steps['dpo']} steps; the student (hidden 64, 2 layers) "
+        f"{steps['lora']} steps (lr 1e-3); DPO sigmoid beta 0.1 for {steps['dpo']} steps; the student (hidden 64, 2 layers) "
         f"trained {steps['distill']} steps from the same initialisation by SFT and by distillation "
-        "(alpha 0.2, T 2, forward KL) from the SFT model.", "", *table, ""])
+        "(alpha 0.5, T 1, forward KL) from the SFT model.", "", *table, ""])
     print("\n" + section)
     if args.write:
         replace_section(RESULTS_PATH, "## Fine-tuning", section)

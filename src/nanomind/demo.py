@@ -94,13 +94,13 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
     stage(out, "sft", training("sft", "sft", "--data", str(data / "sft.jsonl"),
                                "--init-from", str(out / "pretrain" / "model"), *chat_flags, "--lr", "1e-3"))
     stage(out, "lora", training("lora", "lora", "--data", str(data / "lora_domain.jsonl"), "--init-from", str(sft),
-                                *chat_flags, "--lr", "3e-3", "--rank", "8", "--alpha", "16"))
+                                *chat_flags, "--lr", "1e-3", "--rank", "8", "--alpha", "16"))
     stage(out, "dpo", training("dpo", "dpo", "--data", str(data / "dpo.jsonl"), "--init-from", str(sft),
                                "--seq-len", "256", "--batch-size", "8", "--warmup-steps", "10", "--lr", "1e-4",
                                "--beta", "0.1", "--precompute-ref"))
     stage(out, "distill", training("distill", "distill", "--data", str(data / "sft.jsonl"), "--teacher", str(sft),
                                    "--tokenizer", str(tokenizer), "--preset", "tiny", *plan["student"], *chat_flags,
-                                   "--lr", "3e-3", "--alpha", "0.2", "--temperature", "2.0"))
+                                   "--lr", "3e-3", "--alpha", "0.5", "--temperature", "1.0"))
     stage(out, "grpo", training("rl", "grpo", "--algo", "grpo", "--data", str(data / "rl.jsonl"),
                                 "--init-from", str(out / "dpo" / "model"), "--reward", "math", "--num-generations", "8",
                                 "--batch-size", "4", "--max-new-tokens", "48", "--temperature", "1.0", "--lr", "1e-5",
