@@ -13,7 +13,9 @@ starts and ends a multi-line block. Ctrl-C stops the reply being written, not th
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from typing import TextIO
 
 from .generation import SamplingParams, stream
@@ -115,6 +117,10 @@ def read_message(prompt: str = ">>> ") -> str | None:
 
 
 def run_chat(session: ChatSession) -> None:
+    # A process started in the background by a non-interactive shell inherits SIGINT as "ignored",
+    # and Python then never raises KeyboardInterrupt; chat promises that Ctrl-C stops a reply.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     session._say("nanomind chat: /reset, /think, /system TEXT, /exit; Ctrl-C stops a reply; "
                  "end a line with \\ or wrap lines in \"\"\" for several lines")
     while True:
