@@ -1,6 +1,7 @@
 """The `nanomind` command as a user runs it: real processes, real files."""
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -47,8 +48,16 @@ def test_the_main_job_trains_saves_and_samples(tmp_path):
     """The README's first command at its test size: every stage runs, the final checkpoint loads in
     transformers, and a rerun skips the finished stages."""
     result = run("demo", "--out", tmp_path / "demo", "--size", "test")
-    for stage in ("data", "tokenizer", "pretrain", "sft", "lora", "dpo", "distill", "grpo", "agent", "chat"):
+    for stage in ("data", "tokenizer", "pretrain", "sft", "lora", "dpo", "distill", "grpo", "agent", "eval", "chat",
+                  "report"):
         assert f"[{stage}]" in result.stdout
+    report = (tmp_path / "demo" / "report.md").read_text()
+    for section in ("## Stages", "## Curves", "## Held-out evaluations", "## Targets", "## Sample conversations"):
+        assert section in report
+    assert len(list((tmp_path / "demo" / "report").glob("*.png"))) >= 8 and "(thinking on)" in report
+    results = json.loads((tmp_path / "demo" / "eval" / "results.json").read_text())
+    assert set(results) == {"pretrain", "sft", "lora", "dpo", "distill", "grpo", "agent"}
+    assert "preference_accuracy" in results["dpo"] and "tool_tasks" in results["agent"]
     assert "$ nanomind pretrain --data" in result.stdout and "M parameters" in result.stdout
     assert (tmp_path / "demo" / "lora" / "adapter" / "adapter_config.json").exists()
     assert (tmp_path / "demo" / "distill" / "model" / "config.json").exists()
@@ -57,7 +66,7 @@ def test_the_main_job_trains_saves_and_samples(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     rerun = run("demo", "--out", tmp_path / "demo", "--size", "test")
-    for stage in ("pretrain", "sft", "lora", "dpo", "distill", "grpo", "agent"):
+    for stage in ("pretrain", "sft", "lora", "dpo", "distill", "grpo", "agent", "eval"):
         assert f"[{stage}] already done, skipping" in rerun.stdout
     ids = tokenizer("3 plus 4 equals", return_tensors="pt").input_ids
     with torch.no_grad():

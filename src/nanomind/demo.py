@@ -1,4 +1,4 @@
-"""The main job: the pipeline so far, offline on a CPU, in a few minutes.
+"""The main job: the whole pipeline, offline on a CPU, in minutes.
 
   1. data       `nanomind data synth`: the built-in bilingual curriculum        -> DIR/data
   2. tokenizer  `nanomind tokenizer train` on its pretraining and SFT text      -> DIR/tokenizer
@@ -9,11 +9,11 @@
   7. distill    `nanomind distill`: a smaller student taught by the SFT model   -> DIR/distill/model
   8. grpo       `nanomind rl --algo grpo` on checkable questions, from DPO      -> DIR/grpo/model
   9. agent      `nanomind rl --agent`: multi-turn tool use (calculator, units)  -> DIR/agent/model
- 10. chat       a few held-out questions answered by the final model
+ 10. eval       every stage's model on the held-out files                       -> DIR/eval/results.json
+ 11. report     curves, timings, evaluations against targets, sample chats      -> DIR/report.md
 
 Each stage runs the very command a user would type (they are printed), writes its own folder and a
-`DONE` marker; a rerun skips finished stages, so a killed demo continues where it stopped. Later
-stages (evaluation, report) join as they land.
+`DONE` marker; a rerun skips finished stages, so a killed demo continues where it stopped.
 """
 
 from __future__ import annotations
@@ -23,15 +23,17 @@ import shlex
 import time
 from pathlib import Path
 
+from .report import evaluate_stages, held_out_questions, write_report
+
 SIZES = {
     # curriculum, model flags, seconds per training stage, tokenizer vocabulary
     "test": dict(curriculum="tiny", vocab=600,
                  model=["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
                  student=["--hidden-size", "32", "--num-layers", "2", "--intermediate-size", "96", "--head-dim", "8"],
-                 seconds=dict(pretrain=8, sft=6, lora=3, dpo=3, distill=3, grpo=4, agent=4)),
+                 seconds=dict(pretrain=8, sft=6, lora=3, dpo=3, distill=3, grpo=4, agent=4), eval_limit=8),
     "tiny": dict(curriculum="small", vocab=2048, model=[],
                  student=["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
-                 seconds=dict(pretrain=150, sft=90, lora=45, dpo=45, distill=60, grpo=90, agent=90)),
+                 seconds=dict(pretrain=150, sft=90, lora=45, dpo=45, distill=60, grpo=90, agent=90), eval_limit=200),
 }
 
 
@@ -55,19 +57,6 @@ def stage(out: Path, name: str, argv_or_fn) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "DONE").write_text(f"{time.perf_counter() - start:.1f}s\n")
     return folder
-
-
-def held_out_questions(eval_file: Path, n: int) -> list[list[dict]]:
-    questions = []
-    with open(eval_file, encoding="utf-8") as f:
-        for line in f:
-            conversation = json.loads(line)["conversations"]
-            first_user = next(i for i, m in enumerate(conversation) if m["role"] == "user")
-            if not any(m.get("tools") for m in conversation):
-                questions.append(conversation[:first_user + 1])
-            if len(questions) == n:
-                break
-    return questions
 
 
 def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str = "cpu") -> Path:
@@ -111,7 +100,10 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
                                  "--max-prompt-len", "1024", "--max-total-len", "1536", "--lr", "1e-5",
                                  "--warmup-steps", "5"))
     final = out / "agent" / "model"
-    chat_samples(final, held_out_questions(data / "eval_sft.jsonl", 4))
+    stage(out, "eval", lambda: evaluate_stages(out, limit=plan["eval_limit"]))
+    samples = chat_samples(final, held_out_questions(data / "eval_sft.jsonl", 4), data / "eval_agent_rl.jsonl")
+    report = write_report(out, samples)
+    print(f"[report] {report}")
     print(f"\ndone in {time.perf_counter() - started:.0f}s. The final model is {final} (a Hugging Face Qwen3 folder);\n"
           f"the SFT model with the domain adapter: --model {sft} --adapter {out / 'lora' / 'adapter'}.\nTry:\n"
           f"  nanomind chat --model {final}\n"
@@ -120,14 +112,30 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
     return final
 
 
-def chat_samples(checkpoint: Path, conversations: list[list[dict]]) -> None:
+def chat_samples(checkpoint: Path, conversations: list[list[dict]], agent_file: Path) -> list[tuple[str, str]]:
+    """Greedy answers of the final model: held-out questions, one with thinking, one tool task."""
+    from .agent import run_agents
     from .checkpoint import load_model
     from .generation import SamplingParams, generate
     from .tokenizer import Tokenizer
+    from .tools import builtin_tools
 
     model, tokenizer = load_model(checkpoint), Tokenizer.load(checkpoint)
+    params = SamplingParams(max_new_tokens=48, temperature=0)
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
-    params = SamplingParams(max_new_tokens=48, eos_ids=[tokenizer.eos_id])
+    samples = [(c[-1]["content"], done.text.strip()) for c, done in zip(conversations, generate(model, tokenizer,
+                                                                                              prompts, params))]
+    thinking = tokenizer.apply_chat_template(conversations[0], add_generation_prompt=True, open_thinking=True)
+    samples.append((conversations[0][-1]["content"] + "  (thinking on)",
+                    "<think>" + generate(model, tokenizer, [thinking], params)[0].text.strip()))
+    with open(agent_file, encoding="utf-8") as f:
+        task = json.loads(f.readline())["conversations"]
+    (trajectory,) = run_agents(model, tokenizer, [task], builtin_tools(), params, max_turns=3)
+    shown = " | ".join(trajectory.replies)
+    samples.append((next(m["content"] for m in task if m["role"] == "user") + "  (with tools)",
+                    " -> ".join(f"{c.name}({json.dumps(c.arguments, ensure_ascii=False)}) = {r}"
+                                for c, r in zip(trajectory.tool_calls, trajectory.tool_results)) + f" || {shown}"))
     print("[chat] held-out questions, greedy answers:")
-    for conversation, completion in zip(conversations, generate(model, tokenizer, prompts, params)):
-        print(f"  user: {conversation[-1]['content']}\n  nanomind: {completion.text.strip()}")
+    for question, answer in samples:
+        print(f"  user: {question}\n  nanomind: {answer}")
+    return samples
