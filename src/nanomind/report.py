@@ -128,11 +128,11 @@ def _plot(path: Path, title: str, rows: list[dict], series: list[str]) -> bool:
         if points:
             ax.plot(*zip(*points), marker="o" if len(points) < 20 else None, label=key)
             drawn = True
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.legend()
-    fig.tight_layout()
     if drawn:
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+        fig.tight_layout()
         fig.savefig(path, dpi=80)
     plt.close(fig)
     return drawn
