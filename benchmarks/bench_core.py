@@ -535,6 +535,13 @@ taken in one run rather than absolute numbers across runs.
     replace_section(RESULTS_PATH, "## Core model", section)
 
 
+def outcome_table(rows) -> list[str]:
+    """Markdown lines of a table of (outcome, value, change, target, met: True / False / None)."""
+    lines = ["| Outcome | Value | Change | Target | Met |", "|---|---:|---:|---|---|"]
+    return lines + [f"| {a} | {b} | {c} | {d} | {'' if e is None else ('yes' if e else '**no**')} |"
+                    for a, b, c, d, e in rows]
+
+
 def replace_section(path: Path, heading: str, section: str) -> None:
     """Put `section` in place of the one starting with `heading` (up to the next `## `) in
     RESULTS.md, leaving the other benchmarks' sections alone."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_core import RESULTS_PATH, replace_section
+from bench_core import RESULTS_PATH, outcome_table, replace_section
 from nanomind.checkpoint import load_model
 from nanomind.demo import run_command
 from nanomind.evaluation import held_out_loss, preference_accuracy
@@ -124,8 +124,7 @@ def main() -> None:
          f"{teacher_loss:.3f} / {plain_loss:.3f} / {distilled_loss:.3f}", f"{gap_closed:.0%} of the gap closed",
          ">= 50%", gap_closed >= 0.5),
     ]
-    table = ["| Outcome | Value | Change | Target | Met |", "|---|---:|---:|---|---|"]
-    table += [f"| {a} | {b} | {c} | {d} | {'' if e is None else ('yes' if e else '**no**')} |" for a, b, c, d, e in rows]
+    table = outcome_table(rows)
     elapsed = time.perf_counter() - started
     section = "\n".join([
         "## Fine-tuning: LoRA, DPO, distillation", "",

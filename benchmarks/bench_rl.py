@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_core import RESULTS_PATH, replace_section
+from bench_core import RESULTS_PATH, outcome_table, replace_section
 from nanomind.checkpoint import load_model
 from nanomind.demo import run_command
 from nanomind.evaluation import answer_accuracy, tool_use_accuracy
@@ -107,8 +107,7 @@ def main() -> None:
         ("Rollouts, G = 8 x 8 prompts: batched vs one at a time, tokens/s", f"{together:,.0f} vs {alone:,.0f}",
          f"{together / alone:.1f}x", ">= 4x", together / alone >= 4),
     ]
-    table = ["| Outcome | Value | Change | Target | Met |", "|---|---:|---:|---|---|"]
-    table += [f"| {a} | {b} | {c} | {d} | {'' if e is None else ('yes' if e else '**no**')} |" for a, b, c, d, e in rows]
+    table = outcome_table(rows)
     section = "\n".join([
         "## Reinforcement learning", "",
         f"From the SFT model of the fine-tuning benchmark, CPU, one run ({(time.perf_counter() - started) / 60:.0f} min): "
