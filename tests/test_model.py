@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import random_model, tiny_config
 from nanomind.checkpoint import save_checkpoint
-from nanomind.model import KVCache, NanoMind, PRESETS, apply_rotary, preset_config
+from nanomind.model import KVCache, NanoMind, PRESETS, apply_rotary, head_cross_entropy, preset_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -116,10 +116,52 @@ def test_loss_is_next_token_cross_entropy_ignoring_minus_100(dense_model):
     targets = torch.randint(3, 320, (2, 10))
     targets[0, :4] = -100
     out = dense_model(ids, targets=targets)
+    assert out.logits is None  # the loss is computed chunk by chunk, never from full logits
     keep = targets != -100
-    expected = F.cross_entropy(out.logits[keep], targets[keep])
+    expected = F.cross_entropy(dense_model(ids).logits[keep], targets[keep])
     assert torch.allclose(out.loss, expected, atol=1e-6)
     assert out.aux_loss is None
+
+
+@pytest.mark.parametrize("chunk_rows", [3, 7, 64])
+def test_chunked_head_cross_entropy_matches_plain_cross_entropy_and_its_gradients(chunk_rows):
+    hidden = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (20,))
+    targets[[0, 5, 6, 19]] = -100
+    expected = F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100)
+    expected_grads = torch.autograd.grad(expected * 3, (hidden, weight))
+    loss = head_cross_entropy(hidden, weight, targets, chunk_rows)
+    grads = torch.autograd.grad(loss * 3, (hidden, weight))  # the outer gradient scales both
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_model_gradients_with_targets_equal_a_plain_cross_entropy_on_its_logits():
+    # The tied embedding gets gradient from both the input lookup and the chunked head.
+    model = random_model(tiny_config()).double()
+    ids = torch.randint(3, 320, (2, 12))
+    targets = torch.roll(ids, -1, 1)
+    targets[:, -1] = -100
+    model(ids, targets=targets).loss.backward()
+    chunked = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    F.cross_entropy(model(ids).logits.flatten(0, 1), targets.flatten(), ignore_index=-100).backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(chunked[name], param.grad, rtol=0, atol=1e-10, msg=name)
+
+
+def test_chunked_head_cross_entropy_under_bf16_autocast_is_close_to_fp32():
+    hidden, weight = torch.randn(40, 32, requires_grad=True), torch.randn(300, 32) * 0.1
+    weight.requires_grad_()
+    targets = torch.randint(0, 300, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head_cross_entropy(hidden, weight, targets, 16)
+    loss.backward()
+    assert loss.dtype == torch.float32 and hidden.grad.dtype == weight.grad.dtype == torch.float32
+    expected = F.cross_entropy(hidden.detach() @ weight.detach().T, targets)
+    assert abs(loss.item() - expected.item()) < 0.02
 
 
 def test_router_learns_from_the_language_model_loss_with_top1_routing():

@@ -309,6 +309,72 @@ class MoE(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# Loss: cross-entropy through the LM head, a chunk of rows at a time
+
+
+class ChunkedHeadCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T` against `targets` (-100 = ignore), never holding
+    the (N, V) logits.
+
+    The logits are the largest tensor of a small model's training step (4096 tokens x 6400 words
+    = 100 MB in fp32), and a plain cross-entropy writes and re-reads them several times (logits,
+    log-softmax, its gradient, a zero-filled gradient buffer). Here each chunk of rows goes through
+    the head, the log-softmax and its gradient while it is still in cache, and the gradients for
+    hidden and weight are made in the forward pass (when they are needed); backward only scales them.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows: int):
+        device = hidden.device.type
+        # Under autocast the head's matmuls run in the autocast dtype; the softmax in at least fp32.
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        exact = torch.promote_types(dtype, torch.float32)
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        with torch.autocast(device, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            valid = targets != -100
+            n_valid = valid.sum()
+            # 1 / n_valid folded into the gradient rows; ignored rows get 0 (n_valid 0 gives a NaN loss
+            # as F.cross_entropy does).
+            row_scale = valid.to(exact) / n_valid
+            safe_targets = targets.clamp(min=0)
+            loss_sum = hidden.new_zeros((), dtype=exact)
+            grad_hidden = torch.empty_like(h) if want_grad else None
+            grad_weight = torch.zeros_like(weight, dtype=exact) if want_grad else None
+            for start in range(0, h.shape[0], chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                log_probs = torch.log_softmax((h[rows] @ w.T).to(exact), dim=-1)  # (n, V)
+                picked = log_probs.gather(1, safe_targets[rows, None]).squeeze(1)
+                loss_sum -= (picked * valid[rows]).sum()
+                if want_grad:
+                    # d(mean CE)/d(logits) = (softmax - one_hot(target)) / n_valid, in place.
+                    grad_logits = log_probs.exp_()
+                    grad_logits[torch.arange(grad_logits.shape[0], device=h.device), safe_targets[rows]] -= 1
+                    grad_logits = grad_logits.mul_(row_scale[rows, None]).to(dtype)
+                    grad_hidden[rows] = grad_logits @ w
+                    if grad_weight.dtype == dtype:
+                        grad_weight.addmm_(grad_logits.T, h[rows])
+                    else:
+                        grad_weight += (grad_logits.T @ h[rows]).to(exact)
+        if want_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return loss_sum / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        return (grad_hidden * grad_loss).to(hidden_dtype), (grad_weight * grad_loss).to(weight_dtype), None, None
+
+
+def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       chunk_rows: int = 512) -> torch.Tensor:
+    """hidden (N, C), weight (V, C), targets (N,) -> mean next-token cross-entropy (a scalar)."""
+    return ChunkedHeadCrossEntropy.apply(hidden, weight, targets, chunk_rows)
+
+
+# ----------------------------------------------------------------------------------------------
 # Transformer block and model
 
 
@@ -342,7 +408,7 @@ class Backbone(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V), or (B, 1, V) with last_logits_only
+    logits: torch.Tensor | None  # (B, T, V), (B, 1, V) with last_logits_only; None when targets are given
     loss: torch.Tensor | None = None  # mean next-token cross-entropy over targets != -100
     aux_loss: torch.Tensor | None = None  # MoE balance loss, averaged over layers (not yet scaled)
     hidden_states: torch.Tensor | None = field(default=None, repr=False)  # final normed hidden (B, T, C)
@@ -399,10 +465,11 @@ class NanoMind(nn.Module):
             cache.advance(T)
         x = self.model.norm(x)
 
-        logits = self.lm_head(x[:, -1:] if last_logits_only else x)
-        loss = None
+        logits = loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            loss = head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        else:
+            logits = self.lm_head(x[:, -1:] if last_logits_only else x)
         aux_loss = torch.stack(balance_losses).mean() if balance_losses else None
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, hidden_states=x)
 
