@@ -285,7 +285,7 @@ def bench_decode(preset: str, prompt_len: int, new_tokens: int, warmup: int, tim
                  budget_s: float | None = None) -> DecodeResult:
     config = preset_config(preset)
     nano, hf = build_pair(config)
-    nano.eval()
+    nano.eval().fuse_projections()  # as `nanomind generate`, `chat` and `serve` load a model
     hf.eval()
     g = torch.Generator().manual_seed(3)
     # Avoid the special ids so that neither side has a reason to treat a prompt token specially.
@@ -512,9 +512,12 @@ kernel for both: nanomind's trainer uses it, and so does transformers' Trainer b
 of the timed steps after warm-up, the two implementations interleaved. nanomind is given targets
 already shifted (loss over T positions per row; its loss goes through the LM head a chunk of rows
 at a time, without materialising the logits); transformers is given labels = inputs and shifts them
-itself (loss over T-1 positions): the same work to within one row of the cross-entropy. Decode: greedy, batch 1, time for all new tokens including the prompt's
-prefill; transformers uses `generate(do_sample=False, min_new_tokens=N)` with its default dynamic
-cache.
+itself (loss over T-1 positions): the same work to within one row of the cross-entropy.
+
+Decode: greedy, batch 1, time for all new tokens including the prompt's prefill; nanomind's model
+is loaded as `nanomind generate` loads it (q/k/v and gate/up projections fused, see
+`NanoMind.fuse_projections`); transformers uses `generate(do_sample=False, min_new_tokens=N)` with
+its default dynamic cache.
 
 ### Details
 

@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
-from nanomind.cli import build_parser
+from nanomind import demo
+from nanomind.cli import build_parser, expand_config_file
+from nanomind.demo import last_step
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,15 +50,15 @@ def test_the_main_job_trains_saves_and_samples(tmp_path):
     """The README's first command at its test size: every stage runs, the final checkpoint loads in
     transformers, and a rerun skips the finished stages."""
     result = run("demo", "--out", tmp_path / "demo", "--size", "test")
-    for stage in ("data", "tokenizer", "pretrain", "sft", "lora", "dpo", "distill", "grpo", "agent", "eval", "chat",
-                  "report"):
+    for stage in ("data", "tokenizer", "pretrain", "sft", "lora", "dpo", "distill", "student", "grpo", "agent", "eval",
+                  "chat", "report"):
         assert f"[{stage}]" in result.stdout
     report = (tmp_path / "demo" / "report.md").read_text()
     for section in ("## Stages", "## Curves", "## Held-out evaluations", "## Targets", "## Sample conversations"):
         assert section in report
     assert len(list((tmp_path / "demo" / "report").glob("*.png"))) >= 8 and "(thinking on)" in report
     results = json.loads((tmp_path / "demo" / "eval" / "results.json").read_text())
-    assert set(results) == {"pretrain", "sft", "lora", "dpo", "distill", "grpo", "agent"}
+    assert set(results) == {"pretrain", "sft", "lora", "dpo", "distill", "student", "grpo", "agent"}
     assert "preference_accuracy" in results["dpo"] and "tool_tasks" in results["agent"]
     assert "$ nanomind pretrain --data" in result.stdout and "M parameters" in result.stdout
     assert (tmp_path / "demo" / "lora" / "adapter" / "adapter_config.json").exists()
@@ -66,8 +68,11 @@ def test_the_main_job_trains_saves_and_samples(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     rerun = run("demo", "--out", tmp_path / "demo", "--size", "test")
-    for stage in ("pretrain", "sft", "lora", "dpo", "distill", "grpo", "agent", "eval"):
+    for stage in ("pretrain", "sft", "lora", "dpo", "distill", "student", "grpo", "agent", "eval"):
         assert f"[{stage}] already done, skipping" in rerun.stdout
+    # The plain-SFT student took exactly as many steps as the distilled one.
+    assert last_step(tmp_path / "demo" / "student") == last_step(tmp_path / "demo" / "distill")
+    assert "gap to the teacher closed" in report
     ids = tokenizer("3 plus 4 equals", return_tensors="pt").input_ids
     with torch.no_grad():
         assert model(ids).logits.shape == (1, ids.shape[1], tokenizer.vocab_size)
@@ -78,6 +83,28 @@ def test_the_main_job_trains_saves_and_samples(tmp_path):
     chat = run("generate", "--model", checkpoint, "--prompt", "hi", "--chat", "--think", "--max-new-tokens", 4,
                "--temperature", 0.8, "--top-p", 0.9, "--seed", 1)
     assert "tokens/s" in chat.stderr
+
+
+@pytest.mark.parametrize("size", sorted(demo.SIZES))
+def test_every_demo_size_plans_commands_that_parse(tmp_path, monkeypatch, size):
+    """`--size small` is too slow for the suite: check that every command it would run is valid."""
+    commands = []
+
+    def parse_only(argv):
+        commands.append(argv)
+        build_parser().parse_args(expand_config_file(argv))
+
+    monkeypatch.setattr(demo, "run_command", parse_only)
+    monkeypatch.setattr(demo, "last_step", lambda folder: 7)
+    for name in ("evaluate_stages", "write_report"):
+        monkeypatch.setattr(demo, name, lambda *a, **k: tmp_path / "report.md")
+    monkeypatch.setattr(demo, "chat_samples", lambda *a, **k: [])
+    monkeypatch.setattr(demo, "held_out_questions", lambda *a, **k: [])
+    demo.run_demo(tmp_path / "demo", size=size)
+    planned = [c[0] for c in commands]
+    assert planned == ["data", "tokenizer", "pretrain", "sft", "lora", "dpo", "distill", "sft", "rl", "rl"]
+    student = commands[7]
+    assert student[student.index("--max-steps") + 1] == "7"
 
 
 def test_tokenizer_train_and_bad_input_errors(tmp_path):

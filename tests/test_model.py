@@ -93,6 +93,27 @@ def test_cached_decoding_equals_full_forward(moe):
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_fused_projections_keep_the_function_the_names_and_the_memory(moe):
+    model = random_model(tiny_config(moe=moe))
+    fused = random_model(tiny_config(moe=moe)).fuse_projections()
+    ids = torch.randint(3, 320, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+        cache = KVCache(fused.config, 2, 20, "cpu", torch.float32)
+        steps = [fused(ids[:, :12], cache=cache).logits] + [fused(ids[:, t:t + 1], cache=cache).logits
+                                                            for t in range(12, 20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), model(ids).logits, rtol=0, atol=1e-5)
+    # Same names and values; q/k/v (and gate/up) now share one buffer instead of adding one.
+    expected = model.state_dict()
+    assert fused.state_dict().keys() == expected.keys()
+    for name, tensor in fused.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
+    attention = fused.model.layers[0].self_attn
+    assert attention.q_proj.weight.data_ptr() == attention.qkv_weight.data_ptr()
+    assert attention.v_proj.weight.untyped_storage().data_ptr() == attention.qkv_weight.untyped_storage().data_ptr()
+
+
 def test_last_logits_only_is_the_last_row_of_the_full_forward(dense_model):
     ids = torch.randint(3, 320, (3, 11))
     with torch.no_grad():

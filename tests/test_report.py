@@ -16,12 +16,15 @@ def test_report_tables_and_targets_come_from_the_run_files(tmp_path):
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "results.json").write_text(json.dumps({
         "sft": {"sft_loss": 1.0, "answer_format": 0.97, "preference_accuracy": 0.7},
-        "dpo": {"sft_loss": 1.1, "answer_format": 0.9, "preference_accuracy": 0.78}}))
+        "dpo": {"sft_loss": 1.1, "answer_format": 0.9, "preference_accuracy": 0.78},
+        "distill": {"sft_loss": 2.0}, "student": {"sft_loss": 2.5}}))
     report = write_report(tmp_path, [("What is 2 plus 2?", "4")]).read_text()
 
     assert "| sft | 12.5s | 2 | 200 | 100 | 1.500 | 1.700 |" in report  # steps, tokens, mean tok/s, losses
     assert "| dpo | 12.5s | 1 | 40 | 10 | 0.690 | - |" in report
     assert "| SFT answer-format accuracy | 97% | >= 95% | yes |" in report
     assert "| DPO held-out preference accuracy | 70% -> 78% | >= 80% | **no (shortfall)** |" in report
+    # The distilled student (2.0) closes (2.5 - 2.0) / (2.5 - 1.0) = 33% of the plain student's gap.
+    assert "| 33% (1.00 / 2.50 / 2.00) | >= 50% | **no (shortfall)** |" in report
     assert (tmp_path / "report" / "01-sft.png").stat().st_size > 1000
     assert "- **user:** What is 2 plus 2?" in report and "**nanomind:** 4" in report

@@ -7,6 +7,8 @@
   5. lora       `nanomind lora` on the domain set (an adapter on the SFT model) -> DIR/lora/adapter
   6. dpo        `nanomind dpo` on chosen/rejected pairs, from the SFT model     -> DIR/dpo/model
   7. distill    `nanomind distill`: a smaller student taught by the SFT model   -> DIR/distill/model
+     student    `nanomind sft`: the same student by plain SFT, as many steps    -> DIR/student/model
+                (the yardstick: how much of the gap to the teacher distillation closes)
   8. grpo       `nanomind rl --algo grpo` on checkable questions, from DPO      -> DIR/grpo/model
   9. agent      `nanomind rl --agent`: multi-turn tool use (calculator, units)  -> DIR/agent/model
  10. eval       every stage's model on the held-out files                       -> DIR/eval/results.json
@@ -26,14 +28,23 @@ from pathlib import Path
 from .report import evaluate_stages, held_out_questions, write_report
 
 SIZES = {
-    # curriculum, model flags, seconds per training stage, tokenizer vocabulary
-    "test": dict(curriculum="tiny", vocab=600,
+    # curriculum, tokenizer vocabulary, model preset and flags (the student's too), seconds per training
+    # stage, held-out items per evaluation
+    "test": dict(curriculum="tiny", vocab=600, preset="tiny",
                  model=["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
                  student=["--hidden-size", "32", "--num-layers", "2", "--intermediate-size", "96", "--head-dim", "8"],
-                 seconds=dict(pretrain=8, sft=6, lora=3, dpo=3, distill=3, grpo=4, agent=4), eval_limit=8),
-    "tiny": dict(curriculum="small", vocab=2048, model=[],
+                 seconds=dict(pretrain=8, sft=6, lora=3, dpo=3, distill=3, student=6, grpo=4, agent=4), eval_limit=8),
+    "tiny": dict(curriculum="small", vocab=2048, preset="tiny", model=[],
                  student=["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
-                 seconds=dict(pretrain=150, sft=90, lora=45, dpo=45, distill=60, grpo=90, agent=90), eval_limit=200),
+                 seconds=dict(pretrain=150, sft=90, lora=45, dpo=45, distill=60, student=120, grpo=90, agent=90), eval_limit=200),
+    # MiniMind2-small's 26M model on the larger curriculum: about an hour on a 2-core CPU; on a GPU the
+    # same time budgets train many more steps.
+    "small": dict(curriculum="medium", vocab=6400, preset="small", model=[],
+                  student=["--hidden-size", "256", "--num-layers", "4", "--intermediate-size", "704",
+                           "--head-dim", "64", "--num-heads", "4", "--num-kv-heads", "2"],
+                  seconds=dict(pretrain=1200, sft=600, lora=150, dpo=240, distill=300, student=600, grpo=420,
+                               agent=420),
+                  eval_limit=400),
 }
 
 
@@ -76,7 +87,7 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
                 "--save-every", "48"]
 
     stage(out, "pretrain", training("pretrain", "pretrain", "--data", str(data / "pretrain.jsonl"),
-                                    "--tokenizer", str(tokenizer), "--preset", "tiny", *plan["model"],
+                                    "--tokenizer", str(tokenizer), "--preset", plan["preset"], *plan["model"],
                                     "--seq-len", "256", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "20"))
     sft = out / "sft" / "model"
     chat_flags = ["--seq-len", "768", "--batch-size", "8", "--warmup-steps", "10"]
@@ -90,6 +101,12 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
     stage(out, "distill", training("distill", "distill", "--data", str(data / "sft.jsonl"), "--teacher", str(sft),
                                    "--tokenizer", str(tokenizer), "--preset", "tiny", *plan["student"], *chat_flags,
                                    "--lr", "3e-3", "--alpha", "0.5", "--temperature", "1.0"))
+    # The yardstick for distillation: the same student (same initialisation, data and order) trained
+    # by plain SFT for as many steps as the distilled one took.
+    distill_steps = last_step(out / "distill")
+    stage(out, "student", training("sft", "student", "--data", str(data / "sft.jsonl"), "--tokenizer", str(tokenizer),
+                                   "--preset", "tiny", *plan["student"], *chat_flags, "--lr", "3e-3",
+                                   "--max-steps", str(distill_steps)))
     stage(out, "grpo", training("rl", "grpo", "--algo", "grpo", "--data", str(data / "rl.jsonl"),
                                 "--init-from", str(out / "dpo" / "model"), "--reward", "math", "--num-generations", "8",
                                 "--batch-size", "4", "--max-new-tokens", "48", "--temperature", "1.0", "--lr", "1e-5",
@@ -110,6 +127,12 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
           f"  nanomind serve --model {final}    # then open http://127.0.0.1:8998\n"
           f"  nanomind generate --model {final} --chat --prompt 'What is 12 plus 7?'")
     return final
+
+
+def last_step(folder: Path) -> int:
+    """The last training step a stage logged in its metrics.jsonl."""
+    with open(folder / "metrics.jsonl", encoding="utf-8") as f:
+        return max(json.loads(line)["step"] for line in f if line.strip())
 
 
 def chat_samples(checkpoint: Path, conversations: list[list[dict]], agent_file: Path) -> list[tuple[str, str]]:

@@ -116,9 +116,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Statistics in fp32 even under bf16: the mean of squares overflows / loses precision otherwise.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,12 +231,20 @@ class Attention(nn.Module):
         # Qwen3's per-head norms keep q.k logits bounded, which stabilises training without biases.
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        # Inference only (NanoMind.fuse_projections): the q, k and v weights as row blocks of one matrix.
+        self.qkv_weight: torch.Tensor | None = None
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_weight is not None:
+            q, k, v = F.linear(x, self.qkv_weight).split(
+                [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
+                dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.q_norm(q.view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, T, D), (B, K, T, D)
         if cache is not None:
             k, v = cache.store(layer, k, v)  # (B, K, S, D)
@@ -257,9 +264,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        # Inference only (NanoMind.fuse_projections): the gate and up weights as row blocks of one matrix.
+        self.gate_up_weight: torch.Tensor | None = None
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MoE(nn.Module):
@@ -440,6 +453,34 @@ class NanoMind(nn.Module):
             per_expert = 3 * c.hidden_size * c.moe_intermediate_size
             total -= c.num_hidden_layers * (c.num_experts - c.num_experts_per_tok) * per_expert
         return total
+
+    @torch.no_grad()
+    def fuse_projections(self) -> NanoMind:
+        """For inference: each block's q/k/v weights, and gate/up weights, become one matrix each.
+
+        A decoding step then runs two matrix-vector products per block where it ran five; at batch 1
+        each one is a pass over its weights plus a thread fork/join, so fewer, larger ones are faster.
+        The parameters become views into the fused matrices, so names, the state dict and memory use
+        stay the same. Call it once the model has its device and dtype, and not on a model in
+        training; projections wrapped by LoRA adapters stay separate.
+        """
+        def fuse(linears: list[nn.Module]) -> torch.Tensor | None:
+            if any(type(linear) is not nn.Linear for linear in linears):
+                return None
+            fused = torch.cat([linear.weight for linear in linears])
+            start = 0
+            for linear in linears:
+                rows = linear.weight.shape[0]
+                linear.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
+                start += rows
+            return fused
+
+        for block in self.model.layers:
+            attention = block.self_attn
+            attention.qkv_weight = fuse([attention.q_proj, attention.k_proj, attention.v_proj])
+            for mlp in block.mlp.experts if isinstance(block.mlp, MoE) else [block.mlp]:
+                mlp.gate_up_weight = fuse([mlp.gate_proj, mlp.up_proj])
+        return self
 
     def forward(
         self,
