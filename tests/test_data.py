@@ -1,6 +1,8 @@
 """Reading and preparing data: strict errors, the SFT loss mask, lossless packing, determinism."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -125,6 +127,13 @@ def test_prepare_is_deterministic_with_two_workers_and_a_no_op_when_repeated(wor
     prepare([workdir / "sft.jsonl"], workdir / "tok", tmp_path / "two", options, workers=2)
     assert "nothing to do" in capsys.readouterr().out
     assert (tmp_path / "two" / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_prepare_workers_start_without_torch():
+    """Every `prepare --workers K` process imports nanomind.prepare; importing torch too cost each ~3 s
+    of start-up, which made 2 workers slower than 1."""
+    code = "import sys, nanomind.prepare; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_data_prepared_with_another_tokenizer_is_refused(workdir, tmp_path):

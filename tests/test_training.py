@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -63,32 +62,87 @@ def test_a_tiny_model_learns_below_the_unigram_entropy(prepared, tmp_path):
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
 
 
-def test_resume_after_sigkill_gives_the_same_losses_bitwise(prepared, tmp_path):
-    args = ("--max-steps", 12, "--save-every", 4, "--keep-last", 5)
+# `python KILL_AT WHERE ARGS` runs `nanomind ARGS` and SIGKILLs itself at WHERE, so the kill lands at
+# the same point every time, with no test hook inside nanomind:
+#   write-N  inside the write of checkpoint step-N: its files are all in the hidden temporary folder,
+#            the rename that would publish them has not happened
+#   step-N   after step N is logged (and its checkpoint, if any, written), before step N+1 starts
+KILL_AT = """
+import os, signal, sys
+import nanomind.checkpoint, nanomind.trainer
+from nanomind.cli import main
+
+where, *argv = sys.argv[1:]
+kind, n = where.split("-")
+rename, schedule = nanomind.checkpoint._replace_directory, nanomind.trainer.learning_rate
+
+def replace_directory(new, target):
+    if kind == "write" and target.name == f"step-{int(n):06d}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    rename(new, target)
+
+def learning_rate(step, *args, **kwargs):
+    if kind == "step" and step == int(n):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return schedule(step, *args, **kwargs)
+
+nanomind.checkpoint._replace_directory = replace_directory
+nanomind.trainer.learning_rate = learning_rate
+main(argv)
+"""
+UNBUFFERED = {**os.environ, "PYTHONUNBUFFERED": "1"}  # a killed process loses no printed line
+
+
+@pytest.fixture
+def kill_at(tmp_path) -> Path:
+    (tmp_path / "kill_at.py").write_text(KILL_AT)
+    return tmp_path / "kill_at.py"
+
+
+def test_resume_after_sigkill_gives_the_same_losses_bitwise(prepared, tmp_path, kill_at):
+    """Killed inside a checkpoint write, resumed, killed between steps, resumed: the same per-step
+    losses as a run that was never interrupted, and no half-written checkpoint is ever read."""
+    args = ("--max-steps", 12, "--save-every", 2, "--keep-last", 2)
     reference = subprocess.run(nanomind(*pretrain_args(prepared, tmp_path / "ref", *args)),
                                capture_output=True, text=True, timeout=600)
     assert reference.returncode == 0, reference.stderr
 
     run_dir = tmp_path / "killed"
-    process = subprocess.Popen(nanomind(*pretrain_args(prepared, run_dir, *args)),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if latest_checkpoint(run_dir / "checkpoints") and len(losses(run_dir)) >= 6:
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert len(losses(run_dir)) < 12, "the run finished before it could be killed"
-    # A checkpoint write that a kill interrupted leaves only a hidden temporary folder behind.
-    (run_dir / "checkpoints" / ".step-000999.tmp-crash").mkdir()
-    (run_dir / "checkpoints" / ".step-000999.tmp-crash" / "model.safetensors").write_bytes(b"partial")
+    checkpoints = run_dir / "checkpoints"
 
-    resumed = subprocess.run(nanomind(*pretrain_args(prepared, run_dir, *args, "--resume")),
-                             capture_output=True, text=True, timeout=600)
+    def run(*command):
+        return subprocess.run([sys.executable, *map(str, command)], capture_output=True, text=True, timeout=600,
+                              env=UNBUFFERED)
+
+    def saved() -> list[str]:
+        return sorted(p.name for p in checkpoints.iterdir())
+
+    killed = run(kill_at, "write-6", *pretrain_args(prepared, run_dir, *args))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    [unfinished] = checkpoints.glob(".step-000006.tmp-*")
+    assert (unfinished / "model.safetensors").exists() and (unfinished / "trainer_state.pt").exists()
+    assert saved() == [unfinished.name, "step-000002", "step-000004"] and len(losses(run_dir)) == 6
+
+    killed = run(kill_at, "step-9", *pretrain_args(prepared, run_dir, *args, "--resume"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert f"resumed from {checkpoints / 'step-000004'} at step 4" in killed.stdout
+    assert saved() == ["step-000006", "step-000008"]  # the leftover folder is gone; the last 2 are kept
+    assert len(losses(run_dir)) == 9
+
+    resumed = run("-m", "nanomind", *pretrain_args(prepared, run_dir, *args, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout
+    assert f"resumed from {checkpoints / 'step-000008'} at step 8" in resumed.stdout
+    assert saved() == ["step-000010", "step-000012"]
     assert losses(run_dir) == losses(tmp_path / "ref")  # bitwise: the same floats, not just close
+
+
+def torchrun(*command) -> list[str]:
+    """`torchrun --nproc_per_node 2 COMMAND`: two gloo processes on this machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(_free_port()), *map(str, command)]
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes share the cores
 
 
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
@@ -97,17 +151,40 @@ def test_two_gloo_processes_match_one_process_with_twice_the_batch(prepared, tmp
     single = subprocess.run(nanomind(*pretrain_args(prepared, tmp_path / "one", *common, "--batch-size", 8)),
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(_free_port()), "-m", "nanomind",
-                          *map(str, pretrain_args(prepared, tmp_path / "two", *common, "--batch-size", 4,
-                                                  *(["--fsdp"] if sharding == "fsdp" else [])))],
-                         capture_output=True, text=True, timeout=600, env=env)
+    sharded = ["--fsdp"] if sharding == "fsdp" else []
+    ddp = subprocess.run(torchrun("-m", "nanomind", *pretrain_args(prepared, tmp_path / "two", *common, "--batch-size",
+                                                                   4, *sharded)),
+                         capture_output=True, text=True, timeout=600, env=ONE_THREAD)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert np.allclose(losses(tmp_path / "one"), losses(tmp_path / "two"), atol=1e-5, rtol=0)
     one, two = (load_model(tmp_path / name / "model") for name in ("one", "two"))
     for a, b in zip(one.parameters(), two.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_an_fsdp_run_killed_and_resumed_gives_the_same_losses_bitwise(prepared, tmp_path, kill_at):
+    """FSDP2 over 2 gloo processes: sharded weights and optimizer state go into a normal full
+    checkpoint and come back on resume, bit for bit."""
+    args = ("--max-steps", 6, "--save-every", 3, "--batch-size", 4, "--fsdp")
+    env = {**ONE_THREAD, **UNBUFFERED}
+    reference = subprocess.run(torchrun("-m", "nanomind", *pretrain_args(prepared, tmp_path / "ref", *args)),
+                               capture_output=True, text=True, timeout=600, env=env)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    run_dir = tmp_path / "killed"
+    killed = subprocess.run(torchrun(kill_at, "step-4", *pretrain_args(prepared, run_dir, *args)),
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert killed.returncode != 0 and len(losses(run_dir)) == 4, killed.stderr[-3000:]
+    resumed = subprocess.run(torchrun("-m", "nanomind", *pretrain_args(prepared, run_dir, *args, "--resume")),
+                             capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-000003'} at step 3" in resumed.stdout
+    assert losses(run_dir) == losses(tmp_path / "ref")
+
+    # What --fsdp saves is a normal, whole checkpoint: it loads strictly into a plain model.
+    load_model(run_dir / "checkpoints" / "step-000003")
+    final, reference_final = (load_model(folder / "model").state_dict() for folder in (run_dir, tmp_path / "ref"))
+    assert all(torch.equal(final[name], reference_final[name]) for name in reference_final)
 
 
 def _free_port() -> int:

@@ -343,6 +343,8 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
 
     checkpoint_dir = out / "checkpoints"
     if s.resume:
+        if run.is_main:
+            remove_unfinished_checkpoints(checkpoint_dir)
         latest = latest_checkpoint(checkpoint_dir)
         if latest is None:
             if run.is_main:
@@ -614,6 +616,15 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
         return None
     steps = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := STEP_DIR.match(p.name))]
     return max(steps)[1] if steps else None
+
+
+def remove_unfinished_checkpoints(checkpoint_dir: Path) -> None:
+    """Delete what a run killed inside a checkpoint write left behind: the hidden `.step-N.tmp-*`
+    folder it was writing (or a `.step-N.old-*` one it was replacing). Never read, but each is a
+    whole checkpoint's size."""
+    if checkpoint_dir.is_dir():
+        for leftover in checkpoint_dir.glob(".step-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _rng_state() -> dict:
