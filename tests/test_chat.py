@@ -47,7 +47,8 @@ def test_conversation_commands_and_multiline_input(model_dir):
         '"""',
         "/exit",
     ]) + "\n"
-    process = chat_process(model_dir, "--max-new-tokens", 40)
+    # "count to twenty" is 50 tokens with digits split one per token
+    process = chat_process(model_dir, "--max-new-tokens", 80)
     out, err = process.communicate(script, timeout=120)
     assert process.returncode == 0, err
     assert COUNT_REPLY in out

@@ -9,11 +9,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tokenizers import pre_tokenizers
 
 from conftest import random_model, tiny_config
 from nanomind.builtin_text import write_builtin_jsonl
 from nanomind.checkpoint import save_checkpoint
-from nanomind.export_gguf import export_gguf, gguf_tensors
+from nanomind.export_gguf import export_gguf, gguf_pre_tokenizer, gguf_tensors
 from nanomind.generation import SamplingParams, generate
 from nanomind.tokenizer import train_tokenizer
 
@@ -65,7 +66,8 @@ def test_qwen3_layout_weights_and_tokenizer_read_back(tmp_path, tokenizer):
         assert np.array_equal(np.asarray(t.data).reshape(weight.shape), weight.numpy()), name
     assert torch.equal(gguf_tensors(model)["blk.1.attn_q_norm.weight"], model.model.layers[1].self_attn.q_norm.weight)
 
-    assert field(reader, "tokenizer.ggml.model") == "gpt2" and field(reader, "tokenizer.ggml.pre") == "gpt-2"
+    # nanomind's default tokenizer splits text as Qwen2 does, which llama.cpp knows as "qwen2".
+    assert field(reader, "tokenizer.ggml.model") == "gpt2" and field(reader, "tokenizer.ggml.pre") == "qwen2"
     tokens = field(reader, "tokenizer.ggml.tokens")
     assert len(tokens) == tokenizer.vocab_size
     assert tokens[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] and tokens[21] == "<tool_call>"
@@ -117,6 +119,17 @@ def test_moe_experts_are_stacked(tmp_path, tokenizer):
     assert np.array_equal(expert2, model.model.layers[0].mlp.experts[2].gate_proj.weight.detach().numpy())
 
 
+def test_the_pre_tokenizer_is_named_as_llama_cpp_names_it(tmp_path):
+    text = write_builtin_jsonl(tmp_path / "text.jsonl", 300)
+    assert gguf_pre_tokenizer(train_tokenizer([text], vocab_size=400, pre_tokenizer="gpt2")) == "gpt-2"
+    assert gguf_pre_tokenizer(train_tokenizer([text], vocab_size=400, pre_tokenizer="qwen2")) == "qwen2"
+    # A rule llama.cpp has no name for would tokenize differently there: refused, not guessed.
+    foreign = train_tokenizer([text], vocab_size=400)
+    foreign.hf_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(ValueError, match="llama.cpp has no name"):
+        gguf_pre_tokenizer(foreign)
+
+
 def test_llama_cpp_greedy_tokens_match(tmp_path, tokenizer):
     try:
         import llama_cpp
@@ -127,7 +140,7 @@ def test_llama_cpp_greedy_tokens_match(tmp_path, tokenizer):
         pytest.skip(reason)
     model, model_dir = checkpoint(tmp_path, tokenizer)
     path = export_gguf(model_dir, tmp_path / "nano.gguf", dtype="f32")
-    prompt = "The colour of grass is"
+    prompt = "The colour of grass is green; 12 + 345 = 357"
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, verbose=False, seed=0)
     ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
     assert ids == tokenizer.encode(prompt)

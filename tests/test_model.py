@@ -68,13 +68,21 @@ def test_fused_attention_matches_naive_attention():
     attn = model.model.layers[0].self_attn
     x = torch.randn(2, 9, 64)
     positions = torch.arange(9).expand(2, 9)
-    cos, sin = model.rotary(positions, 9)
+    cos, signed_sin = model.rotary(positions, 9)
+
+    def textbook_rotary(t):  # rotate-half RoPE with theta 1e6, written out
+        angles = positions[0, :, None].double() * 1e6 ** (-torch.arange(0, 16, 2).double() / 16)
+        cos, sin = torch.cat((angles, angles), -1).cos().float(), torch.cat((angles, angles), -1).sin().float()
+        first, second = t.chunk(2, dim=-1)
+        return t * cos + torch.cat((-second, first), dim=-1) * sin
+
     with torch.no_grad():
-        fused = attn(x, cos, sin, None, None, 0)
+        fused = attn(x, cos, signed_sin, None, None, 0)
         q = attn.q_norm(attn.q_proj(x).view(2, 9, 4, 16)).transpose(1, 2)
         k = attn.k_norm(attn.k_proj(x).view(2, 9, 2, 16)).transpose(1, 2)
         v = attn.v_proj(x).view(2, 9, 2, 16).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        assert (apply_rotary(q, cos, signed_sin) - textbook_rotary(q)).abs().max().item() < 1e-5
+        q, k = textbook_rotary(q), textbook_rotary(k)
         causal = torch.ones(9, 9, dtype=torch.bool).tril()
         expected = attn.o_proj(naive_attention(q, k, v, causal).transpose(1, 2).reshape(2, 9, 64))
     assert (fused - expected).abs().max().item() < 1e-5

@@ -273,8 +273,31 @@ def test_sizes_are_ordered_and_tiny_is_quick(tmp_path):
     assert time.perf_counter() - start < 2
     totals = [sum(s.lines.values()) for s in SIZES.values()]
     assert totals == sorted(totals)
+    for count in ("people", "towns", "planets", "eval_lines"):  # the worlds nest only if every count grows
+        counts = [getattr(s, count) for s in SIZES.values()]
+        assert counts == sorted(counts), count
     with pytest.raises(ValueError, match="tiny, small, medium"):
         synthesize(tmp_path, size="huge")
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_a_smaller_world_is_a_sub_world_of_every_larger_one(seed):
+    """Same towns, people (homes, ages, jobs ...) and planets first, and the same items held out."""
+    worlds = [World.build(seed, size) for size in SIZES]  # World.build alone: no medium-sized files
+    for small, large in zip(worlds, worlds[1:]):
+        assert large.towns[:len(small.towns)] == small.towns and len(large.towns) > len(small.towns)
+        assert large.people[:len(small.people)] == small.people and len(large.people) > len(small.people)
+        assert large.planets[:len(small.planets)] == small.planets and len(large.planets) > len(small.planets)
+        assert all(p.home in small.towns for p in small.people)
+        assert large.identity_questions == small.identity_questions
+        for split_of in (lambda w: w.facts, lambda w: w.domain_facts):
+            small_keys = {s: {f.key for f in split_of(small)[s]} for s in ("train", "eval")}
+            large_keys = {s: {f.key for f in split_of(large)[s]} for s in ("train", "eval")}
+            assert small_keys["eval"] <= large_keys["eval"] and small_keys["train"] <= large_keys["train"]
+            assert not small_keys["eval"] & large_keys["train"] and not small_keys["train"] & large_keys["eval"]
+    for world in worlds:  # every size has something held out, and trains on most
+        for split in (world.facts, world.domain_facts):
+            assert 0 < len(split["eval"]) < len(split["train"])
 
 
 def test_cli_writes_the_curriculum(tmp_path):

@@ -102,6 +102,20 @@ def test_transformers_encodes_identically(tok, hf_tok):
         assert hf_tok.decode(ids, skip_special_tokens=True) == tok.decode(ids, skip_special_tokens=True)
 
 
+def test_numbers_are_split_into_digits_unless_gpt2_splitting_is_asked_for(tok, tmp_path):
+    """The default (Qwen2's rule) gives every digit a token of its own, however the BPE merges went;
+    GPT-2's rule (MiniMind's tokenizer) lets digit runs merge."""
+    text = "In 2048, 17 of 365 days; 你好 12.5 + 7 = 19.5"
+    pieces = [tok.decode([i]) for i in tok.encode(text)]
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == list("2048173651257195")
+    assert tok.pre_tokenizer_name == "qwen2" and tok.decode(tok.encode(text)) == text
+    numbers = tmp_path / "numbers.txt"
+    numbers.write_text("\n".join(f"{n} plus {n} is {2 * n}" for n in range(10, 400)), encoding="utf-8")
+    gpt2 = train_tokenizer([numbers], vocab_size=600, pre_tokenizer="gpt2")
+    assert gpt2.pre_tokenizer_name == "gpt2"
+    assert any(len(gpt2.decode([i]).strip()) > 1 for i in gpt2.encode("120 plus 120 is 240"))
+
+
 TOOLS = [
     {"type": "function", "function": {"name": "calculate", "description": "Evaluate arithmetic, e.g. 2 * (3 + 4).",
                                       "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},

@@ -144,7 +144,8 @@ def cmd_demo(args):
 def cmd_tokenizer_train(args):
     from .tokenizer import train_tokenizer
     start = time.perf_counter()
-    tokenizer = train_tokenizer(args.data, vocab_size=args.vocab_size, out_dir=args.out, max_lines=args.max_lines)
+    tokenizer = train_tokenizer(args.data, vocab_size=args.vocab_size, out_dir=args.out,
+                                pre_tokenizer=args.pre_tokenizer, max_lines=args.max_lines)
     print(f"trained a {tokenizer.vocab_size}-token tokenizer in {time.perf_counter() - start:.1f}s -> {args.out}")
 
 
@@ -356,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=6400, help="vocabulary size, special tokens included")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--max-lines", type=int, default=None, help="read at most this many lines per file")
+    p.add_argument("--pre-tokenizer", choices=("qwen2", "gpt2"), default="qwen2",
+                   help="how text is split before BPE: qwen2 (Qwen2/Qwen3's rule: every digit a token of its own, "
+                        "so numbers are learned digit by digit) or gpt2 (GPT-2's, as MiniMind's tokenizer: "
+                        "digit runs merge like words)")
 
     p = command("generate", cmd_generate, "continue a prompt with a checkpoint, or answer a file of prompts",
                 "Stream a continuation of --prompt (or, with --chat, an assistant reply to it) and report tokens/s. "

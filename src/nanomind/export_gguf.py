@@ -9,8 +9,8 @@ The file is written with the `gguf` package's GGUFWriter as llama.cpp's `qwen3` 
   tensors           token_embd, output_norm, output (only when untied), blk.N.attn_norm, attn_q/k/v,
                     attn_q_norm, attn_k_norm, attn_output, ffn_norm, ffn_gate/up/down
                     (MoE: ffn_gate_inp and the experts stacked as ffn_gate_exps/up_exps/down_exps)
-  tokenizer         tokenizer.ggml.model "gpt2" (byte-level BPE), .pre "gpt-2" (nanomind splits text with
-                    GPT-2's regex), the vocabulary in id order, the merges, token types (control for the
+  tokenizer         tokenizer.ggml.model "gpt2" (byte-level BPE), .pre "qwen2" or "gpt-2" (the tokenizer's
+                    splitting rule, by llama.cpp's name), the vocabulary in id order, the merges, token types (control for the
                     special ids, user-defined for the other added tokens), bos/eos/pad ids, chat template
 
 Qwen3 uses rotate-half rotary embeddings, which llama.cpp runs natively for this architecture, so the
@@ -67,6 +67,16 @@ def gguf_tensors(model: NanoMind) -> dict[str, torch.Tensor]:
                 out[f"blk.{i}.{gguf_name}"] = torch.stack(
                     [state[f"{prefix}mlp.experts.{e}.{proj}.weight"] for e in range(c.num_experts)])
     return out
+
+
+def gguf_pre_tokenizer(tokenizer: Tokenizer) -> str:
+    """llama.cpp's name (`tokenizer.ggml.pre`) for the tokenizer's splitting rule; llama.cpp picks the
+    regex by that name, so a rule it has no name for cannot be exported faithfully."""
+    name = tokenizer.pre_tokenizer_name
+    if name is None:
+        raise ValueError("this tokenizer splits text with a rule llama.cpp has no name for (neither Qwen2's nor "
+                         "GPT-2's): a GGUF file would tokenize differently; retrain it with `nanomind tokenizer train`")
+    return {"qwen2": "qwen2", "gpt2": "gpt-2"}[name]
 
 
 def tokenizer_metadata(tokenizer: Tokenizer) -> tuple[list[str], list[int], list[str]]:
@@ -153,7 +163,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f16",
 
     tokens, types, merges = tokenizer_metadata(tokenizer)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(gguf_pre_tokenizer(tokenizer))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)

@@ -21,6 +21,10 @@ phrasings never appear in any training file. So no evaluation prompt is ever a t
 
 Everything comes from `random.Random` streams seeded by (seed, file name): the same seed gives
 byte-identical files on every machine and Python version.
+
+The worlds nest: for one seed, a smaller size's towns, people and planets are the first ones of every
+larger size's, with the same attributes, and an item held out in one size is held out in every size that
+has it, so more data of a larger size never contradicts a smaller one or trains on its evaluation.
 """
 
 from __future__ import annotations
@@ -298,32 +302,26 @@ class World:
 
     @classmethod
     def build(cls, seed: int = 0, size: str = "small") -> "World":
-        spec = SIZES[size]
-        rng = random.Random(f"nanomind-world/{seed}")
-        town_names = rng.sample([_join(a, b) for a in TOWN_PARTS[0] for b in TOWN_PARTS[1]], spec.towns)
-        towns = [Town(name, rng.choice(PRODUCTS), rng.choice(LANDSCAPES)) for name in town_names]
-        person_names = rng.sample([_join(a, b) for a in PERSON_SYLLABLES[0] for b in PERSON_SYLLABLES[1]], spec.people)
-        people = [Person(name, rng.random() < 0.5, rng.choice(towns), rng.choice(ANIMALS), rng.choice(COLOURS),
-                         rng.randint(8, 80), rng.choice(JOBS)) for name in person_names]
-        planet_names = rng.sample([_join(a, b) for a in PLANET_PARTS[0] for b in PLANET_PARTS[1]], spec.planets)
-        planets = [Planet(name, rng.randint(0, 9), rng.choice(COLOURS), rng.randint(10, 60), rng.choice(STARS))
-                   for name in planet_names]
+        """The world of `size`: the first towns, people and planets of one seeded order, so it nests.
 
-        facts = []
-        for p in people:
-            facts += [Fact("home", p.name, p.home.name, p.home.name), Fact("pet", p.name, p.pet.as_pet, p.pet.name),
-                      Fact("colour", p.name, p.colour, p.colour), Fact("age", p.name, _number(p.age), _number(p.age)),
-                      Fact("job", p.name, p.job, Name(p.job.en.split(" ", 1)[1], p.job.zh))]
-        for t in towns:
-            facts += [Fact("known_for", t.name, t.known_for, t.known_for), Fact("near", t.name, t.near, t.near)]
-        for a in ANIMALS:
-            facts += [Fact("legs", a.as_subject, LEGS[a.legs], _number(a.legs)),
-                      Fact("food", a.as_subject, a.food, a.food)]
-        domain = []
-        for p in planets:
-            domain += [Fact("moons", p.name, _number(p.moons), _number(p.moons)), Fact("sky", p.name, p.sky, p.sky),
-                       Fact("day", p.name, _number(p.day_hours), _number(p.day_hours)),
-                       Fact("star", p.name, p.star, p.star)]
+        Each size takes a prefix of every name population, shuffled once per seed, and each entity's
+        attributes come from its own stream seeded by (seed, kind, name), so a larger size adds entities
+        without changing any. Person i's home is one of the towns of the smallest size that has person i,
+        so it exists, unchanged, in every size that has that person.
+        """
+        spec = SIZES[size]
+        towns = [Town(name, r.choice(PRODUCTS), r.choice(LANDSCAPES))
+                 for name, r in _entities(seed, "town", TOWN_PARTS, spec.towns)]
+        people = [Person(name, r.random() < 0.5, r.choice(towns[:_home_towns(i)]), r.choice(ANIMALS),
+                         r.choice(COLOURS), r.randint(8, 80), r.choice(JOBS))
+                  for i, (name, r) in enumerate(_entities(seed, "person", PERSON_SYLLABLES, spec.people))]
+        planets = [Planet(name, r.randint(0, 9), r.choice(COLOURS), r.randint(10, 60), r.choice(STARS))
+                   for name, r in _entities(seed, "planet", PLANET_PARTS, spec.planets)]
+        facts, domain = _world_facts(people, towns), _planet_facts(planets)
+        # The smallest world is a prefix of this one: its facts are those about its people, towns and planets.
+        least = min(SIZES.values(), key=lambda s: (s.people, s.towns, s.planets))
+        least_facts = _world_facts(people[:least.people], towns[:least.towns])
+        least_domain = _planet_facts(planets[:least.planets])
 
         pairs = lambda names: [(n, n) for n in names]  # noqa: E731 - a value that is also its own answer
         values = dict(
@@ -333,22 +331,24 @@ class World:
             food=pairs([a.food for a in ANIMALS]), moons=pairs([_number(n) for n in range(10)]), sky=pairs(COLOURS),
             day=pairs([_number(n) for n in range(10, 61)]), star=pairs(STARS))
 
-        # Hold out a fixed share of (subject, question-kind) pairs, at least one, chosen by the seed.
-        def split(fact_list):
-            held = set(f.key for f in rng.sample(fact_list, max(1, round(EVAL_FRACTION * len(fact_list)))))
-            return {"train": [f for f in fact_list if f.key not in held],
-                    "eval": [f for f in fact_list if f.key in held]}
-
-        identity = {}
+        # Identity phrasings are held out by their own stream: the same ones in every size.
+        rng, identity = random.Random(f"nanomind-world/{seed}/identity"), {}
         for lang, questions in (("en", IDENTITY_QUESTIONS_EN), ("zh", IDENTITY_QUESTIONS_ZH)):
             shuffled = rng.sample(questions, len(questions))
             identity[lang] = {"train": shuffled[2:], "eval": shuffled[:2]}
         identity = {s: (identity["en"][s], identity["zh"][s]) for s in ("train", "eval")}
-        return cls(seed, towns, people, planets, split(facts), split(domain), facts, domain, values, identity)
+        return cls(seed, towns, people, planets, _hold_out(seed, facts, least_facts),
+                   _hold_out(seed, domain, least_domain), facts, domain, values, identity)
 
     def wrong_value(self, rng: random.Random, fact: Fact) -> Fact:
-        """The same fact with another value of its kind: a plausible but wrong answer."""
-        value, answer = rng.choice([pair for pair in self.values[fact.kind] if pair[0] != fact.value])
+        """The same fact with another value of its kind: a plausible but wrong answer.
+
+        Never one whose answer contains the right one, as an owl (猫头鹰) would for a cat (猫): a grader
+        that looks for the right answer in the text would count it as right.
+        """
+        right = fact.answer
+        value, answer = rng.choice([(v, a) for v, a in self.values[fact.kind]
+                                    if v != fact.value and right.en not in a.en and right.zh not in a.zh])
         return dataclasses.replace(fact, value=value, answer=answer)
 
     @functools.cached_property
@@ -368,6 +368,50 @@ class World:
 
 def _join(a: Name, b: Name) -> Name:
     return Name(a.en + b.en, a.zh + b.zh)
+
+
+def _entities(seed: int, kind: str, parts: tuple, count: int) -> list[tuple[Name, random.Random]]:
+    """The first `count` names of a kind, in an order fixed by the seed alone, each with its own stream."""
+    population = [_join(a, b) for a in parts[0] for b in parts[1]]
+    names = random.Random(f"nanomind-world/{seed}/{kind}s").sample(population, len(population))[:count]
+    return [(name, random.Random(f"nanomind-world/{seed}/{kind}/{name.en}")) for name in names]
+
+
+def _home_towns(person: int) -> int:
+    """How many towns person number `person` may live in: those of the smallest size that has the person."""
+    return min(s.towns for s in SIZES.values() if s.people > person)
+
+
+def _world_facts(people: list[Person], towns: list[Town]) -> list[Fact]:
+    facts = []
+    for p in people:
+        facts += [Fact("home", p.name, p.home.name, p.home.name), Fact("pet", p.name, p.pet.as_pet, p.pet.name),
+                  Fact("colour", p.name, p.colour, p.colour), Fact("age", p.name, _number(p.age), _number(p.age)),
+                  Fact("job", p.name, p.job, Name(p.job.en.split(" ", 1)[1], p.job.zh))]
+    for t in towns:
+        facts += [Fact("known_for", t.name, t.known_for, t.known_for), Fact("near", t.name, t.near, t.near)]
+    for a in ANIMALS:
+        facts += [Fact("legs", a.as_subject, LEGS[a.legs], _number(a.legs)), Fact("food", a.as_subject, a.food, a.food)]
+    return facts
+
+
+def _planet_facts(planets: list[Planet]) -> list[Fact]:
+    return [f for p in planets for f in (
+        Fact("moons", p.name, _number(p.moons), _number(p.moons)), Fact("sky", p.name, p.sky, p.sky),
+        Fact("day", p.name, _number(p.day_hours), _number(p.day_hours)), Fact("star", p.name, p.star, p.star))]
+
+
+def _hold_out(seed: int, facts: list[Fact], least: list[Fact]) -> dict:
+    """Split facts into "train" and "eval" the same way in every size: by a hash of each fact's key.
+
+    The hash alone might hold out nothing of the smallest world, so its lowest-hash facts (the share
+    EVAL_FRACTION of them, at least one) are held out too. Every larger world has those same facts,
+    so they are held out there as well, and no fact is held out in one size but trained in another.
+    """
+    ranked = sorted(least, key=lambda f: _hash_fraction(seed, f.key))
+    held = {f.key for f in ranked[:max(1, round(EVAL_FRACTION * len(least)))]}
+    held |= {f.key for f in facts if _hash_fraction(seed, f.key) < EVAL_FRACTION}
+    return {"train": [f for f in facts if f.key not in held], "eval": [f for f in facts if f.key in held]}
 
 
 # ---------------------------------------------------------------------------------------------------

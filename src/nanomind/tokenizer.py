@@ -70,7 +70,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
@@ -117,11 +117,32 @@ UNICODE_TO_BYTE = {char: byte for byte, char in BYTE_TO_UNICODE.items()}
 # Training
 
 
+# How text is cut into pieces before BPE merges within them. "qwen2" is Qwen2 / Qwen3's rule (the regex
+# their tokenizer.json carries): every digit is a piece of its own, so numbers are spelled digit by digit
+# and a small model can learn arithmetic column by column instead of memorising a token per number.
+# "gpt2" is GPT-2's rule, which MiniMind's tokenizer uses: runs of digits are merged like words.
+# The names are llama.cpp's (`tokenizer.ggml.pre`), which applies the same rule to a GGUF file.
+QWEN2_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                       r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = ("qwen2", "gpt2")
+
+
+def _pre_tokenizer(name: str):
+    if name == "qwen2":
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if name == "gpt2":
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    raise ValueError(f"unknown pre-tokenizer {name!r}; choose one of {', '.join(PRE_TOKENIZERS)}")
+
+
 def train_tokenizer(
     files: Iterable[str | Path],
     vocab_size: int = 6400,
     out_dir: str | Path | None = None,
     *,
+    pre_tokenizer: str = "qwen2",
     max_lines: int | None = None,
     show_progress: bool = False,
 ) -> Tokenizer:
@@ -129,13 +150,14 @@ def train_tokenizer(
 
     A JSONL line gives its `text`, or every `content` and `reasoning_content` of its `conversations`
     (pretraining and SFT files both work). A `.txt` file holds one document per line. Blank lines
-    are skipped; `max_lines` stops after that many lines over all files together.
+    are skipped; `max_lines` stops after that many lines over all files together. `pre_tokenizer`
+    is one of PRE_TOKENIZERS (see QWEN2_SPLIT_PATTERN).
     """
     if vocab_size < len(SPECIAL_TOKENS) + 256:
         raise ValueError(f"vocab_size={vocab_size} is too small: the special tokens and 256 bytes alone take "
                          f"{len(SPECIAL_TOKENS) + 256} ids")
     tok = _HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = _pre_tokenizer(pre_tokenizer)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -319,6 +341,15 @@ class Tokenizer:
                 raise ValueError(f"token {i} ({piece!r}) is not a byte-level piece; token_bytes and "
                                  "stream_decoder need a byte-level BPE tokenizer") from None
         return table
+
+    @property
+    def pre_tokenizer_name(self) -> str | None:
+        """"qwen2" or "gpt2" when the splitting rule is one of PRE_TOKENIZERS, else None."""
+        data = json.loads(self.hf_tokenizer.to_str()).get("pre_tokenizer") or {}
+        for name in PRE_TOKENIZERS:
+            if data == json.loads(_pre_tokenizer(name).__getstate__()):
+                return name
+        return None
 
     def stream_decoder(self) -> StreamDecoder:
         """A decoder for generation: feed it ids one at a time, it hands back the text they complete."""
