@@ -30,7 +30,7 @@ import numpy as np
 
 from bench_core import RESULTS_PATH, outcome_table, replace_section
 from nanomind.checkpoint import load_model
-from nanomind.demo import run_command
+from nanomind.demo import run_command, write_replay_mix
 from nanomind.evaluation import held_out_loss, preference_accuracy
 from nanomind.lora import load_adapter
 from nanomind.tokenizer import Tokenizer
@@ -100,10 +100,7 @@ def main() -> None:
 
     # LoRA on the domain set, alone and mixed one to one with general conversations (replay, the usual
     # remedy for forgetting: the adapter keeps seeing what the base already does well)
-    replay = work / "lora_domain_and_replay.jsonl"
-    domain_lines = (data / "lora_domain.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
-    with open(data / "sft.jsonl", encoding="utf-8") as f:
-        replay.write_text("".join(domain_lines) + "".join(line for _, line in zip(domain_lines, f)), encoding="utf-8")
+    replay = write_replay_mix(data / "lora_domain.jsonl", data / "sft.jsonl", work / "lora_domain_and_replay.jsonl")
     base_model = load_model(sft)
     lora_result = {}
     for name, lora_data in (("", data / "lora_domain.jsonl"), ("-replay", replay)):

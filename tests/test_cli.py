@@ -50,9 +50,16 @@ def test_the_main_job_trains_saves_and_samples(tmp_path):
     """The README's first command at its test size: every stage runs, the final checkpoint loads in
     transformers, and a rerun skips the finished stages."""
     result = run("demo", "--out", tmp_path / "demo", "--size", "test")
-    for stage in ("data", "tokenizer", "pretrain", "sft", "lora", "dpo", "distill", "student", "grpo", "agent", "eval",
-                  "chat", "report"):
+    for stage in ("data", "more-text", "tokenizer", "pretrain", "sft", "lora", "dpo", "distill", "student", "grpo",
+                  "agent", "eval", "chat", "report"):
         assert f"[{stage}]" in result.stdout
+    # Pretraining reads a larger curriculum's text too; LoRA trains on the domain set plus as many
+    # general conversations (replay).
+    assert f"pretrain.jsonl {tmp_path / 'demo' / 'more-text' / 'pretrain.jsonl'}" in result.stdout
+    domain = (tmp_path / "demo" / "data" / "lora_domain.jsonl").read_text(encoding="utf-8").splitlines()
+    mix = (tmp_path / "demo" / "lora" / "domain_and_replay.jsonl").read_text(encoding="utf-8").splitlines()
+    general = (tmp_path / "demo" / "data" / "sft.jsonl").read_text(encoding="utf-8").splitlines()
+    assert mix == domain + general[:len(domain)]
     report = (tmp_path / "demo" / "report.md").read_text()
     for section in ("## Stages", "## Curves", "## Held-out evaluations", "## Targets", "## Sample conversations"):
         assert section in report
@@ -100,10 +107,14 @@ def test_every_demo_size_plans_commands_that_parse(tmp_path, monkeypatch, size):
         monkeypatch.setattr(demo, name, lambda *a, **k: tmp_path / "report.md")
     monkeypatch.setattr(demo, "chat_samples", lambda *a, **k: [])
     monkeypatch.setattr(demo, "held_out_questions", lambda *a, **k: [])
+    monkeypatch.setattr(demo, "write_replay_mix", lambda domain, general, out: out)
     demo.run_demo(tmp_path / "demo", size=size)
     planned = [c[0] for c in commands]
-    assert planned == ["data", "tokenizer", "pretrain", "sft", "lora", "dpo", "distill", "sft", "rl", "rl"]
-    student = commands[7]
+    more_text = ["data"] if demo.SIZES[size]["more_text"] else []
+    assert planned == ["data", "tokenizer", *more_text, "pretrain", "sft", "lora", "dpo", "distill", "sft", "rl", "rl"]
+    pretrain = commands[planned.index("pretrain")]
+    assert len(pretrain[pretrain.index("--data") + 1:pretrain.index("--tokenizer")]) == 1 + len(more_text)
+    student = commands[len(planned) - 3]
     assert student[student.index("--max-steps") + 1] == "7"
 
 

@@ -307,3 +307,13 @@ def test_cli_writes_the_curriculum(tmp_path):
     manifest = json.loads((tmp_path / "cli" / "manifest.json").read_text(encoding="utf-8"))
     assert manifest == synthesize(tmp_path / "api", size="tiny", seed=3)
     assert "sft.jsonl" in result.stdout
+
+
+def test_some_files_only_are_the_same_files(curriculum, tmp_path):
+    out, manifest = curriculum
+    some = synthesize(tmp_path / "some", size="tiny", seed=0, stems=["pretrain", "rl"])
+    assert sorted(some["files"]) == ["eval_pretrain.jsonl", "eval_rl.jsonl", "pretrain.jsonl", "rl.jsonl"]
+    for name, entry in some["files"].items():
+        assert entry == manifest["files"][name]
+    with pytest.raises(ValueError, match="unknown curriculum file sfft"):
+        synthesize(tmp_path / "bad", size="tiny", stems=["sfft"])

@@ -222,7 +222,7 @@ def cmd_convert(args):
 def cmd_data_synth(args):
     from .synth import synthesize
     start = time.perf_counter()
-    manifest = synthesize(args.out, size=args.size, seed=args.seed)
+    manifest = synthesize(args.out, size=args.size, seed=args.seed, stems=args.files)
     for name, entry in manifest["files"].items():
         print(f"{name:24} {entry['lines']:8} lines")
     print(f"wrote the {args.size} curriculum (seed {args.seed}) in {time.perf_counter() - start:.1f}s -> {args.out}")
@@ -405,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=["tiny", "small", "medium"], default="small",
                    help="tiny: ~2.5K lines for tests; small: the CPU demo; medium: ~10x small")
     p.add_argument("--seed", type=int, default=0, help="seed for the invented world and every file")
+    p.add_argument("--files", nargs="+", default=None, metavar="NAME",
+                   help="write only these files (and their eval_ files): pretrain, sft, dpo, rl, agent_rl, "
+                        "lora_domain; default all")
 
     p = data.add_parser("download", help="fetch one of MiniMind's dataset files from the Hugging Face hub",
                         description="Download a MiniMind dataset file by name (resumable) with huggingface_hub. "

@@ -2,9 +2,11 @@
 
   1. data       `nanomind data synth`: the built-in bilingual curriculum        -> DIR/data
   2. tokenizer  `nanomind tokenizer train` on its pretraining and SFT text      -> DIR/tokenizer
-  3. pretrain   `nanomind pretrain` on the curriculum's text                    -> DIR/pretrain/model
+  3. pretrain   `nanomind pretrain` on the curriculum's text and a larger one's -> DIR/pretrain/model
+                about the same world (written by the more-text stage)
   4. sft        `nanomind sft` on its conversations (reasoning, tool calls)     -> DIR/sft/model
-  5. lora       `nanomind lora` on the domain set (an adapter on the SFT model) -> DIR/lora/adapter
+  5. lora       `nanomind lora` on the domain set mixed with as many general    -> DIR/lora/adapter
+                conversations (replay against forgetting): an adapter on the SFT model
   6. dpo        `nanomind dpo` on chosen/rejected pairs, from the SFT model     -> DIR/dpo/model
   7. distill    `nanomind distill`: a smaller student taught by the SFT model   -> DIR/distill/model
      student    `nanomind sft`: the same student by plain SFT, as many steps    -> DIR/student/model
@@ -28,18 +30,19 @@ from pathlib import Path
 from .report import evaluate_stages, held_out_questions, write_report
 
 SIZES = {
-    # curriculum, tokenizer vocabulary, model preset and flags (the student's too), seconds per training
-    # stage, held-out items per evaluation
-    "test": dict(curriculum="tiny", vocab=600, preset="tiny",
+    # curriculum, the larger one whose pretraining text is read too (the same world, fresh sentences),
+    # tokenizer vocabulary, model preset and flags (the student's too), seconds per training stage,
+    # held-out items per evaluation
+    "test": dict(curriculum="tiny", more_text="small", vocab=600, preset="tiny",
                  model=["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
                  student=["--hidden-size", "32", "--num-layers", "2", "--intermediate-size", "96", "--head-dim", "8"],
                  seconds=dict(pretrain=8, sft=6, lora=3, dpo=3, distill=3, student=6, grpo=4, agent=4), eval_limit=8),
-    "tiny": dict(curriculum="small", vocab=2048, preset="tiny", model=[],
+    "tiny": dict(curriculum="small", more_text="medium", vocab=2048, preset="tiny", model=[],
                  student=["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
-                 seconds=dict(pretrain=150, sft=90, lora=45, dpo=45, distill=60, student=120, grpo=90, agent=90), eval_limit=200),
+                 seconds=dict(pretrain=300, sft=90, lora=45, dpo=45, distill=60, student=120, grpo=90, agent=90), eval_limit=200),
     # MiniMind2-small's 26M model on the larger curriculum: about an hour on a 2-core CPU; on a GPU the
     # same time budgets train many more steps.
-    "small": dict(curriculum="medium", vocab=6400, preset="small", model=[],
+    "small": dict(curriculum="medium", more_text=None, vocab=6400, preset="small", model=[],
                   student=["--hidden-size", "256", "--num-layers", "4", "--intermediate-size", "704",
                            "--head-dim", "64", "--num-heads", "4", "--num-kv-heads", "2"],
                   seconds=dict(pretrain=1200, sft=600, lora=150, dpo=240, distill=300, student=600, grpo=420,
@@ -86,14 +89,25 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
                 "--out", str(out / name), "--device", device, "--seed", str(seed), "--eval-every", "48",
                 "--save-every", "48"]
 
-    stage(out, "pretrain", training("pretrain", "pretrain", "--data", str(data / "pretrain.jsonl"),
+    texts = [str(data / "pretrain.jsonl")]
+    if plan["more_text"]:
+        # New sentences about the same world, not the same ones again, are what teach a small model to
+        # compute and copy numbers (measured in benchmarks/bench_finetune.py), which GRPO then sharpens.
+        more = out / "more-text"
+        stage(out, "more-text", ["data", "synth", "--out", str(more), "--size", plan["more_text"], "--files",
+                                 "pretrain", "--seed", str(seed)])
+        texts.append(str(more / "pretrain.jsonl"))
+    stage(out, "pretrain", training("pretrain", "pretrain", "--data", *texts,
                                     "--tokenizer", str(tokenizer), "--preset", plan["preset"], *plan["model"],
                                     "--seq-len", "256", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "20"))
     sft = out / "sft" / "model"
     chat_flags = ["--seq-len", "768", "--batch-size", "8", "--warmup-steps", "10"]
     stage(out, "sft", training("sft", "sft", "--data", str(data / "sft.jsonl"),
                                "--init-from", str(out / "pretrain" / "model"), *chat_flags, "--lr", "1e-3"))
-    stage(out, "lora", training("lora", "lora", "--data", str(data / "lora_domain.jsonl"), "--init-from", str(sft),
+    lora_data = out / "lora" / "domain_and_replay.jsonl"
+    if not (out / "lora" / "DONE").exists():
+        write_replay_mix(data / "lora_domain.jsonl", data / "sft.jsonl", lora_data)
+    stage(out, "lora", training("lora", "lora", "--data", str(lora_data), "--init-from", str(sft),
                                 *chat_flags, "--lr", "1e-3", "--rank", "8", "--alpha", "16"))
     stage(out, "dpo", training("dpo", "dpo", "--data", str(data / "dpo.jsonl"), "--init-from", str(sft),
                                "--seq-len", "256", "--batch-size", "8", "--warmup-steps", "10", "--lr", "1e-4",
@@ -127,6 +141,17 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
           f"  nanomind serve --model {final}    # then open http://127.0.0.1:8998\n"
           f"  nanomind generate --model {final} --chat --prompt 'What is 12 plus 7?'")
     return final
+
+
+def write_replay_mix(domain: Path, general: Path, out: Path) -> Path:
+    """The domain set followed by as many conversations of the general set: training on both (the rows
+    are shuffled) is the usual remedy for forgetting, as the adapter keeps seeing what the base does well."""
+    domain_lines = domain.read_text(encoding="utf-8").splitlines(keepends=True)
+    with open(general, encoding="utf-8") as f:
+        replay = [line for _, line in zip(domain_lines, f)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(domain_lines + replay), encoding="utf-8")
+    return out
 
 
 def last_step(folder: Path) -> int:

@@ -935,15 +935,24 @@ def _write_jsonl(path: Path, records: list[dict]) -> dict:
     return {"lines": len(records), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def synthesize(out_dir: str | Path, size: str = "small", seed: int = 0) -> dict:
-    """Write the curriculum under `out_dir` and return its manifest (also written as manifest.json)."""
+def synthesize(out_dir: str | Path, size: str = "small", seed: int = 0, stems: list[str] | None = None) -> dict:
+    """Write the curriculum under `out_dir` and return its manifest (also written as manifest.json).
+
+    `stems` limits it to some of the files (e.g. ["pretrain"]: more text about the same world); each
+    file is the same whichever others are written."""
     if size not in SIZES:
         raise ValueError(f"unknown curriculum size {size!r}; choose one of {', '.join(SIZES)}")
+    spec = SIZES[size]
+    unknown = sorted(set(stems or ()) - set(spec.lines))
+    if unknown:
+        raise ValueError(f"unknown curriculum file {', '.join(unknown)}; choose from {', '.join(spec.lines)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec, world = SIZES[size], World.build(seed, size)
+    world = World.build(seed, size)
     files = {}
     for stem, n in spec.lines.items():
+        if stems and stem not in stems:
+            continue
         rng = random.Random(f"nanomind-synth/{seed}/{stem}")  # one stream per file: sizes do not shift each other
         train = [RECORD_MAKERS[stem](world, rng, "train") for _ in range(n)]
         # Held-out items are already absent from training by construction; excluding training prompts as
