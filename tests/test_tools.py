@@ -7,9 +7,10 @@ from typing import Literal, Optional
 
 import pytest
 
-from nanomind.synth import TOOLS_JSON, synthesize
+from nanomind.synth import TOOLS_JSON, World, synthesize
 from nanomind.tools import (Tool, ToolError, builtin_tools, calculate, calculate_math, extract_tool_calls, load_tools,
-                            remove_thinking, run_tool_call, tool_from_function, tool_schemas, unit_converter)
+                            remove_thinking, resolve_tools, run_tool_call, tool_from_function, tool_schemas,
+                            unit_converter, world_tools)
 
 
 @pytest.mark.parametrize("expression, value", [
@@ -244,3 +245,40 @@ def _helper():
     with pytest.raises(FileNotFoundError, match="no such Python file"):
         load_tools(tmp_path / "missing.py")
     assert isinstance(load_tools(listed)[0], Tool)
+
+
+def lookup(tools, tool, **arguments):
+    return json.loads(run_tool_call({"name": tool, "arguments": arguments}, tools))
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_world_lookups_state_the_curriculum_facts(size):
+    """Every person and town of each size's curriculum is found with the facts its texts state, in the
+    language of the name asked for; unknown names are an error message for the model, not a crash."""
+    tools, world = world_tools(seed=0), World.build(0, size)
+    for p in world.people:
+        assert lookup(tools, "lookup_person", name=p.name.en.upper()) == {
+            "name": p.name.en, "home": p.home.name.en, "pet": p.pet.name.en, "colour": p.colour.en, "age": p.age,
+            "job": p.job.en.split(" ", 1)[1]}
+        assert lookup(tools, "lookup_person", name=p.name.zh)["home"] == p.home.name.zh
+    for t in world.towns:
+        town = lookup(tools, "lookup_town", name=t.name.en)
+        assert (town["known_for"], town["near"]) == (t.known_for.en, t.near.en)
+        # residents of the largest world: the smaller world's ones come first, in the same order
+        assert town["residents"][:len(world.residents(t))] == [p.name.en for p in world.residents(t)]
+    dog = lookup(tools, "lookup_animal", name="狗")
+    assert dog["legs"] == 4 and dog["name"] == "狗"
+    assert "no person named 'Nobody'" in lookup(tools, "lookup_person", name="Nobody")["error"]
+    assert "error" in lookup(tools, "lookup_town", name=3)
+
+
+def test_tools_option_names_builtin_world_or_a_file(tmp_path):
+    assert [t.name for t in resolve_tools(None)] == [t.name for t in builtin_tools()]
+    assert [t.name for t in resolve_tools("world")][2:] == ["lookup_person", "lookup_town", "lookup_animal"]
+    someone = World.build(3, "tiny").people[0].name.en
+    assert "error" not in lookup(resolve_tools("world:3"), "lookup_person", name=someone)
+    with pytest.raises(ValueError, match="whole number"):
+        resolve_tools("world:x")
+    path = tmp_path / "mine.py"
+    path.write_text("def ping() -> str:\n    return 'pong'\n", encoding="utf-8")
+    assert [t.name for t in resolve_tools(path)] == ["ping"]

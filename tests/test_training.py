@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -223,6 +224,29 @@ def test_learning_rate_schedules():
     assert learning_rate(99 + 1, 100, 1.0, 10, "cosine", 0.1) == pytest.approx(0.1)
     assert learning_rate(50, 100, 1.0, 10, "wsd", 0.1) == 1.0
     assert learning_rate(100, 100, 1.0, 10, "wsd", 0.1) == pytest.approx(0.1)
+    # Under a time budget the further of the two progresses counts.
+    assert learning_rate(20, 10**12, 1.0, 10, "cosine", 0.1, time_fraction=0.5) == pytest.approx(0.55)
+    assert learning_rate(90, 100, 1.0, 10, "cosine", 0.1, time_fraction=0.5) < 0.2
+
+
+def test_a_time_boxed_run_decays_its_learning_rate_by_the_deadline(prepared, tmp_path):
+    from conftest import tiny_config
+    from nanomind.model import NanoMind
+
+    tokenizer = Tokenizer.load(prepared / "tok")
+    manifest = json.loads((prepared / "data" / "manifest.json").read_text())
+    rows = open_rows(prepared / "data", "train", manifest, tokenizer.pad_id)
+    model = NanoMind(tiny_config(vocab_size=tokenizer.vocab_size), verbose=False)
+    settings = TrainSettings(out=tmp_path / "run", batch_size=4, epochs=1000, time_budget=3.0, lr=1e-3,
+                             warmup_steps=2, min_lr_ratio=0.1, eval_every=0, save_every=0)
+    started = time.perf_counter()
+    train(Stage("test", rows, None, token_loss), model, tokenizer, settings, Distributed(), torch.device("cpu"))
+    assert time.perf_counter() - started < 30
+    lrs = [json.loads(line)["lr"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    # 1000 epochs would keep a step-based cosine at its peak; the budget's share brings it down to the floor.
+    assert len(lrs) > 10 and lrs[2] > 0.9e-3
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert lrs[-1] < 0.2e-3
 
 
 def test_options_come_from_a_yaml_file_and_flags_win(tmp_path):

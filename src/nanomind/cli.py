@@ -103,7 +103,9 @@ def add_training_args(parser: argparse.ArgumentParser, default_lr: float) -> Non
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     g.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1)")
-    g.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
+    g.add_argument("--time-budget", type=float, default=None,
+                   help="stop after this many seconds; the schedule then decays by the deadline (its progress is "
+                        "the share of the steps or of the budget, whichever is further)")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--fsdp", action="store_true",
@@ -536,8 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-turns", type=int, default=3, help="agent: most model replies per trajectory")
     g.add_argument("--max-total-len", type=int, default=None,
                    help="agent: longest trajectory in tokens; unset: 1024 (or the model's context if shorter)")
-    g.add_argument("--tools", type=Path, default=None,
-                   help="agent: a Python file of tool functions (default: the built-in calculator and unit converter)")
+    g.add_argument("--tools", default=None,
+                   help="agent: a Python file of tool functions, or `world` (or world:SEED) for the built-in ones plus "
+                        "lookups in the built-in curriculum's world (default: the built-in calculator and unit converter)")
     g.add_argument("--critic", choices=["separate", "shared"], default="separate",
                    help="ppo value model: a copy of the policy with a value head, or a head on the policy itself")
     g.add_argument("--gamma", type=float, default=1.0, help="ppo: discount")
@@ -572,8 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--choice-scoring", choices=["text", "letter"], default="text",
                    help="choice: score each option's text (per byte) or its letter after the listed options")
     p.add_argument("--seq-len", type=int, default=512, help="loss: tokens per scored row")
-    p.add_argument("--tools", type=Path, default=None,
-                   help="tools: a Python file of tool functions (default: the built-in calculator and unit converter)")
+    p.add_argument("--tools", default=None,
+                   help="tools: a Python file of tool functions, or `world` (or world:SEED) for the built-in ones plus "
+                        "lookups in the built-in curriculum's world (default: the built-in calculator and unit converter)")
     p.add_argument("--max-turns", type=int, default=3, help="tools: most model replies per case")
     p.add_argument("--think", action="store_true", help="open a <think> block for the model's reasoning first")
     p.add_argument("--skip-bad", action="store_true", help="skip bad JSONL lines and report them, instead of stopping")

@@ -45,7 +45,7 @@ from .data import BadLines, BadRecord, DataError, conversation_tools, read_recor
 from .generation import SamplingParams, generate
 from .prepare import PrepareOptions, load_manifest, open_rows, prepare
 from .rewards import answer_text, exact_reward, extract_final_answer, math_reward, numbers_equal
-from .tools import builtin_tools, load_tools
+from .tools import builtin_tools, resolve_tools
 
 Progress = Callable[[int], None]  # called with how many more items are done
 
@@ -649,7 +649,7 @@ def main(args, load: Callable[[Path], tuple]) -> dict:
                 raise DataError(f"{', '.join(map(str, args.data))}: no records to evaluate")
             progress = ProgressLine(task, len(records), "cases")
             if task == "tools":
-                tools = load_tools(args.tools) if args.tools else builtin_tools()
+                tools = resolve_tools(args.tools)
                 metrics = tool_use_accuracy(model, tokenizer, records, tools, params, args.batch_size,
                                             args.max_turns, args.think, progress)
                 summary = (f"{metrics['cases']} cases: " + ", ".join(

@@ -63,7 +63,7 @@ from .data import conversation_tools
 from .generation import SamplingParams, decode_tokens
 from .model import NanoMind
 from .prepare import load_manifest
-from .tools import builtin_tools, load_tools, tool_schemas
+from .tools import resolve_tools, tool_schemas
 from .trainer import (RowSampler, Stage, StageInputs, TrainingError, autocast_context, load_full_weights, run_stage,
                       save_full_model, unwrap)
 
@@ -216,7 +216,7 @@ class RLSettings:
     agent: bool = False  # multi-turn tool use: set by the data kind (see main)
     max_turns: int = 3  # agent: most replies per trajectory
     max_total_len: int | None = None  # agent: longest trajectory; None: 1024 or the model's context if shorter
-    tools: Path | None = None  # agent: a Python file of tool functions; None: the built-in tools
+    tools: str | None = None  # agent: a Python file of tool functions, or "world[:SEED]"; None: the built-in tools
 
     @property
     def needs_reference(self) -> bool:
@@ -729,7 +729,7 @@ def make_stage(inputs: StageInputs, s: RLSettings, reward_fn=None) -> Stage:
     context = model.config.max_position_embeddings
     tools, limit = None, ("the model's context", context)
     if s.agent:
-        tools = load_tools(s.tools) if s.tools else builtin_tools()
+        tools = resolve_tools(s.tools)
         s = dataclasses.replace(s, max_total_len=s.max_total_len or min(1024, context))
         if s.max_total_len > context:
             raise TrainingError(f"--max-total-len {s.max_total_len} exceeds the model's context of {context} positions")

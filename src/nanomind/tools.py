@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from .synth import CONVERSIONS, UNITS
+from .synth import ANIMALS, CONVERSIONS, SIZES, UNITS, World
 
 
 class ToolError(Exception):
@@ -287,6 +287,75 @@ def unit_converter(value: float, from_unit: str, to_unit: str) -> dict:
         to_unit: unit wanted, e.g. m
     """
     return {"result": format_number(convert_units(value, from_unit, to_unit)), "unit": _unit(to_unit, "to_unit")}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Lookups in the built-in curriculum's world (synth.World)
+
+
+def world_tools(seed: int = 0) -> list[Tool]:
+    """lookup_person, lookup_town and lookup_animal: the facts of the built-in curriculum's world for `seed`.
+
+    The largest size's world answers: the sizes nest, so anyone in any size's curriculum is found, with
+    the same facts. Names are matched in English (any case) or Chinese; the answer is in the language of
+    the name asked for.
+    """
+    world = World.build(seed, max(SIZES, key=lambda size: SIZES[size].people))
+    people = {key: p for p in world.people for key in (p.name.en.casefold(), p.name.zh)}
+    towns = {key: t for t in world.towns for key in (t.name.en.casefold(), t.name.zh)}
+    animals = {key: a for a in ANIMALS for key in (a.name.en.casefold(), a.name.zh)}
+
+    def find(table: dict, name, kind: str):
+        if not isinstance(name, str) or name.strip().casefold() not in table:
+            examples = ", ".join(list(dict.fromkeys(v.name.en for v in table.values()))[:4])
+            raise ToolError(f"no {kind} named {name!r} in the built-in world (for example {examples})")
+        entry = table[name.strip().casefold()]
+        return entry, name.strip() == entry.name.zh
+
+    def lookup_person(name: str) -> dict:
+        """Look up a person of the world: home town, pet, favourite colour, age and job.
+
+        Args:
+            name: the person's name, e.g. Belwyn or 贝温
+        """
+        p, zh = find(people, name, "person")
+        return {"name": p.name.pick(zh), "home": p.home.name.pick(zh), "pet": p.pet.name.pick(zh),
+                "colour": p.colour.pick(zh), "age": p.age, "job": p.job.zh if zh else p.job.en.split(" ", 1)[1]}
+
+    def lookup_town(name: str) -> dict:
+        """Look up a town of the world: what it is known for, what it lies near, and who lives there.
+
+        Args:
+            name: the town's name
+        """
+        t, zh = find(towns, name, "town")
+        return {"name": t.name.pick(zh), "known_for": t.known_for.pick(zh), "near": t.near.pick(zh),
+                "residents": [p.name.pick(zh) for p in world.residents(t)]}
+
+    def lookup_animal(name: str) -> dict:
+        """Look up an animal: how many legs it has and what it eats.
+
+        Args:
+            name: the animal, e.g. dog or 狗
+        """
+        a, zh = find(animals, name, "animal")
+        return {"name": a.name.pick(zh), "legs": a.legs, "food": a.food.pick(zh)}
+
+    return [tool_from_function(f) for f in (lookup_person, lookup_town, lookup_animal)]
+
+
+def resolve_tools(option: str | Path | None) -> list[Tool]:
+    """The tools a `--tools` option names: nothing for builtin_tools(); "world" (or "world:SEED") for those
+    plus world_tools(SEED); anything else is a Python file of tool functions (load_tools)."""
+    if option is None:
+        return builtin_tools()
+    text = str(option)
+    if text == "world" or text.startswith("world:"):
+        seed = text.partition(":")[2] or "0"
+        if not seed.isdigit():
+            raise ValueError(f"--tools {text}: the world's seed must be a whole number, as in world:3")
+        return builtin_tools() + world_tools(int(seed))
+    return load_tools(option)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -64,6 +64,11 @@ class Distributed:
             dist.all_reduce(values, op=dist.ReduceOp.SUM)
         return values
 
+    def all_reduce_max(self, values: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return values
+
 
 def setup_distributed(device: str) -> tuple[Distributed, torch.device]:
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
@@ -274,14 +279,15 @@ def build_optimizer(model: NanoMind, lr: float, weight_decay: float, kind: str =
 
 
 def learning_rate(step: int, total_steps: int, peak: float, warmup: int, schedule: str,
-                  min_ratio: float, decay_fraction: float = 0.2) -> float:
+                  min_ratio: float, decay_fraction: float = 0.2, time_fraction: float = 0.0) -> float:
     """Linear warm-up, then cosine to min_ratio*peak, or warm-up-stable-decay (flat, then a linear
-    decay over the last `decay_fraction` of the run)."""
+    decay over the last `decay_fraction` of the run). The run's progress is its share of the steps, or
+    of its time budget (`time_fraction`) when that is further on, so a time-boxed run ends annealed."""
     if step < warmup:
         return peak * (step + 1) / warmup
     if schedule == "constant":
         return peak
-    progress = (step - warmup) / max(total_steps - warmup, 1)
+    progress = max((step - warmup) / max(total_steps - warmup, 1), time_fraction)
     if schedule == "cosine":
         return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
     if schedule == "wsd":
@@ -371,10 +377,11 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
     sinks = MetricSinks(out, s.tensorboard, s.wandb, config_record) if run.is_main else None
     started = time.perf_counter()
     metrics = {}
+    time_used = 0.0  # share of --time-budget spent, the same on every rank
 
     for step in range(start_step, total_steps):
         step_start = time.perf_counter()
-        lr = learning_rate(step, total_steps, s.lr, s.warmup_steps, s.schedule, s.min_lr_ratio)
+        lr = learning_rate(step, total_steps, s.lr, s.warmup_steps, s.schedule, s.min_lr_ratio, time_fraction=time_used)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batches = [_to_device(b, device) for b in source.next_batches(s.grad_accum)]
@@ -414,7 +421,8 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         metrics["mfu"] = flops_per_token * tokens / elapsed / (run.world_size * peak_flops)
-        last_step = step + 1 == total_steps or _out_of_time(s, started, run, device)
+        time_used = _time_used(s, started, run, device)
+        last_step = step + 1 == total_steps or time_used >= 1
         if stage.val_rows is not None and s.eval_every and ((step + 1) % s.eval_every == 0 or last_step):
             metrics.update(evaluate(model, stage, s, run, device, autocast))
         # Sampling runs on rank 0 alone, which a sharded model cannot do (every forward gathers shards).
@@ -486,12 +494,13 @@ def _total_steps(s: TrainSettings, source) -> int:
     return max(1, int(epochs * source.batches_per_epoch / s.grad_accum))
 
 
-def _out_of_time(s: TrainSettings, started: float, run: Distributed, device) -> bool:
-    """Whether the time budget is spent; ranks decide together, or one would wait for the others forever."""
+def _time_used(s: TrainSettings, started: float, run: Distributed, device) -> float:
+    """The share of the time budget spent (0 without one), as the slowest rank sees it: ranks decide
+    together when to stop, or one would wait for the others forever, and schedule the same rate."""
     if s.time_budget is None:
-        return False
-    late = torch.tensor(float(time.perf_counter() - started >= s.time_budget), device=device)
-    return run.all_reduce_sum(late).item() > 0
+        return 0.0
+    spent = torch.tensor((time.perf_counter() - started) / s.time_budget, dtype=torch.float64, device=device)
+    return run.all_reduce_max(spent).item()
 
 
 def autocast_context(device: torch.device, precision: str):
