@@ -9,14 +9,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tokenizers import pre_tokenizers
+from tokenizers import Regex, pre_tokenizers
 
 from conftest import random_model, tiny_config
 from nanomind.builtin_text import write_builtin_jsonl
 from nanomind.checkpoint import save_checkpoint
 from nanomind.export_gguf import export_gguf, gguf_pre_tokenizer, gguf_tensors
 from nanomind.generation import SamplingParams, generate
-from nanomind.tokenizer import train_tokenizer
+from nanomind.tokenizer import QWEN2_SPLIT_PATTERN, train_tokenizer
 
 gguf = pytest.importorskip("gguf")
 
@@ -123,6 +123,12 @@ def test_the_pre_tokenizer_is_named_as_llama_cpp_names_it(tmp_path):
     text = write_builtin_jsonl(tmp_path / "text.jsonl", 300)
     assert gguf_pre_tokenizer(train_tokenizer([text], vocab_size=400, pre_tokenizer="gpt2")) == "gpt-2"
     assert gguf_pre_tokenizer(train_tokenizer([text], vocab_size=400, pre_tokenizer="qwen2")) == "qwen2"
+    # Real Qwen2 / Qwen3 files say trim_offsets false: offsets bookkeeping, the same pieces.
+    qwen = train_tokenizer([text], vocab_size=400)
+    qwen.hf_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False, trim_offsets=False)])
+    assert gguf_pre_tokenizer(qwen) == "qwen2"
     # A rule llama.cpp has no name for would tokenize differently there: refused, not guessed.
     foreign = train_tokenizer([text], vocab_size=400)
     foreign.hf_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()

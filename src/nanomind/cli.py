@@ -326,6 +326,10 @@ def cmd_export_gguf(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .synth import SIZES  # neither imports torch
+    from .tokenizer import PRE_TOKENIZERS
+
+    curriculum_files = list(SIZES["tiny"].lines)
     parser = argparse.ArgumentParser(
         prog="nanomind", description="Train a small chat language model from scratch, and use it.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -359,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=6400, help="vocabulary size, special tokens included")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--max-lines", type=int, default=None, help="read at most this many lines per file")
-    p.add_argument("--pre-tokenizer", choices=("qwen2", "gpt2"), default="qwen2",
+    p.add_argument("--pre-tokenizer", choices=PRE_TOKENIZERS, default="qwen2",
                    help="how text is split before BPE: qwen2 (Qwen2/Qwen3's rule: every digit a token of its own, "
                         "so numbers are learned digit by digit) or gpt2 (GPT-2's, as MiniMind's tokenizer: "
                         "digit runs merge like words)")
@@ -408,8 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny: ~2.5K lines for tests; small: the CPU demo; medium: ~10x small")
     p.add_argument("--seed", type=int, default=0, help="seed for the invented world and every file")
     p.add_argument("--files", nargs="+", default=None, metavar="NAME",
-                   help="write only these files (and their eval_ files): pretrain, sft, dpo, rl, agent_rl, "
-                        "lora_domain; default all")
+                   help="write only these files (and their eval_ files), by name without .jsonl: "
+                        f"{', '.join(curriculum_files)}; default all")
 
     p = data.add_parser("download", help="fetch one of MiniMind's dataset files from the Hugging Face hub",
                         description="Download a MiniMind dataset file by name (resumable) with huggingface_hub. "
@@ -539,8 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-total-len", type=int, default=None,
                    help="agent: longest trajectory in tokens; unset: 1024 (or the model's context if shorter)")
     g.add_argument("--tools", default=None,
-                   help="agent: a Python file of tool functions, or `world` (or world:SEED) for the built-in ones plus "
-                        "lookups in the built-in curriculum's world (default: the built-in calculator and unit converter)")
+                   help="agent: a Python file of tool functions, or `world` (world:SEED for a curriculum made with "
+                        "another --seed) for the built-in ones plus lookups in the built-in curriculum's world "
+                        "(default: the built-in calculator and unit converter)")
     g.add_argument("--critic", choices=["separate", "shared"], default="separate",
                    help="ppo value model: a copy of the policy with a value head, or a head on the policy itself")
     g.add_argument("--gamma", type=float, default=1.0, help="ppo: discount")
@@ -576,8 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="choice: score each option's text (per byte) or its letter after the listed options")
     p.add_argument("--seq-len", type=int, default=512, help="loss: tokens per scored row")
     p.add_argument("--tools", default=None,
-                   help="tools: a Python file of tool functions, or `world` (or world:SEED) for the built-in ones plus "
-                        "lookups in the built-in curriculum's world (default: the built-in calculator and unit converter)")
+                   help="tools: a Python file of tool functions, or `world` (world:SEED for a curriculum made with "
+                        "another --seed) for the built-in ones plus lookups in the built-in curriculum's world "
+                        "(default: the built-in calculator and unit converter)")
     p.add_argument("--max-turns", type=int, default=3, help="tools: most model replies per case")
     p.add_argument("--think", action="store_true", help="open a <think> block for the model's reasoning first")
     p.add_argument("--skip-bad", action="store_true", help="skip bad JSONL lines and report them, instead of stopping")

@@ -92,7 +92,8 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
     texts = [str(data / "pretrain.jsonl")]
     if plan["more_text"]:
         # New sentences about the same world, not the same ones again, are what teach a small model to
-        # compute and copy numbers (measured in benchmarks/bench_finetune.py), which GRPO then sharpens.
+        # compute and copy numbers, which GRPO then sharpens. (benchmarks/bench_finetune.py measured it
+        # with two passes, the curriculum's text and then this one; the demo reads both in one.)
         more = out / "more-text"
         stage(out, "more-text", ["data", "synth", "--out", str(more), "--size", plan["more_text"], "--files",
                                  "pretrain", "--seed", str(seed)])
@@ -146,11 +147,11 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
 def write_replay_mix(domain: Path, general: Path, out: Path) -> Path:
     """The domain set followed by as many conversations of the general set: training on both (the rows
     are shuffled) is the usual remedy for forgetting, as the adapter keeps seeing what the base does well."""
-    domain_lines = domain.read_text(encoding="utf-8").splitlines(keepends=True)
+    domain_lines = domain.read_text(encoding="utf-8").splitlines()
     with open(general, encoding="utf-8") as f:
-        replay = [line for _, line in zip(domain_lines, f)]
+        replay = [line.rstrip("\n") for _, line in zip(domain_lines, f)]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(domain_lines + replay), encoding="utf-8")
+    out.write_text("".join(line + "\n" for line in domain_lines + replay), encoding="utf-8")
     return out
 
 

@@ -473,9 +473,10 @@ class NanoMind(nn.Module):
         each one is a pass over its weights plus a thread fork/join, so fewer, larger ones are faster.
         The q and k norm weights are also laid out per head, so attention norms and rotates q and k
         together (see Attention.forward).
-        The parameters become views into the fused matrices, so names, the state dict and memory use
-        stay the same. Call it once the model has its device and dtype, and not on a model in
-        training; projections wrapped by LoRA adapters stay separate.
+        The projection parameters become views into the fused matrices, so names, the state dict and
+        memory use stay the same; the per-head norm weights are a small copy. Call it last, once the
+        model has its weights, device and dtype (loading weights afterwards would not reach that copy),
+        and not on a model in training; projections wrapped by LoRA adapters stay separate.
         """
         def fuse(linears: list[nn.Module]) -> torch.Tensor | None:
             if any(type(linear) is not nn.Linear for linear in linears):

@@ -33,7 +33,7 @@ or raw JSONL with --agent (which prepares it as agent data):
   nanomind rl --algo grpo --agent --data agent_rl.jsonl --init-from runs/sft/model --out runs/agent
 
 A rollout is then `agent.run_agents`: all prompts x G trajectories decode together, turn by turn, for up
-to --max-turns replies; the tools (built-in, or --tools FILE) run between turns and their results are
+to --max-turns replies; the tools (built-in, --tools world, or --tools FILE) run between turns and their results are
 what the model reads next. A trajectory also ends when another reply of --max-new-tokens would not fit
 in --max-total-len tokens. It trains on exactly the tokens the model sampled (Trajectory.mask: each
 reply and its end-of-turn token); the prompt, the tool results and the template text around them are in

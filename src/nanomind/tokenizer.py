@@ -137,6 +137,12 @@ def _pre_tokenizer(name: str):
     raise ValueError(f"unknown pre-tokenizer {name!r}; choose one of {', '.join(PRE_TOKENIZERS)}")
 
 
+def _without_offsets(state):
+    if isinstance(state, dict):
+        return {k: _without_offsets(v) for k, v in state.items() if k != "trim_offsets"}
+    return [_without_offsets(v) for v in state] if isinstance(state, list) else state
+
+
 def train_tokenizer(
     files: Iterable[str | Path],
     vocab_size: int = 6400,
@@ -344,12 +350,17 @@ class Tokenizer:
 
     @property
     def pre_tokenizer_name(self) -> str | None:
-        """"qwen2" or "gpt2" when the splitting rule is one of PRE_TOKENIZERS, else None."""
-        data = json.loads(self.hf_tokenizer.to_str()).get("pre_tokenizer") or {}
-        for name in PRE_TOKENIZERS:
-            if data == json.loads(_pre_tokenizer(name).__getstate__()):
-                return name
-        return None
+        """"qwen2" or "gpt2" when the splitting rule is one of PRE_TOKENIZERS, else None.
+
+        Only what decides the pieces is compared: `trim_offsets` (which real Qwen2 files set to false)
+        changes reported character offsets, never the ids."""
+        def rule(pre_tokenizer) -> str:
+            return json.dumps(_without_offsets(json.loads(pre_tokenizer.__getstate__())), sort_keys=True)
+
+        current = self.hf_tokenizer.pre_tokenizer
+        if current is None:
+            return None
+        return next((name for name in PRE_TOKENIZERS if rule(_pre_tokenizer(name)) == rule(current)), None)
 
     def stream_decoder(self) -> StreamDecoder:
         """A decoder for generation: feed it ids one at a time, it hands back the text they complete."""

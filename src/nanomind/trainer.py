@@ -375,9 +375,12 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
     peak_flops = peak_flops_per_process(device)
     progress = ProgressPrinter(total_steps, enabled=run.is_main, time_budget=s.time_budget)
     sinks = MetricSinks(out, s.tensorboard, s.wandb, config_record) if run.is_main else None
-    started = time.perf_counter()
+    # The share of --time-budget spent, the same on every rank; a resumed run continues the clock (and
+    # so the schedule) where the checkpoint left it.
+    time_used = history[-1].get("budget_used", 0.0) if history else 0.0
+    resumed = time.perf_counter()
+    started = resumed - time_used * (s.time_budget or 0)
     metrics = {}
-    time_used = 0.0  # share of --time-budget spent, the same on every rank
 
     for step in range(start_step, total_steps):
         step_start = time.perf_counter()
@@ -422,6 +425,8 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
             metrics["grad_norm"] = float(grad_norm)
         metrics["mfu"] = flops_per_token * tokens / elapsed / (run.world_size * peak_flops)
         time_used = _time_used(s, started, run, device)
+        if s.time_budget is not None:
+            metrics["budget_used"] = time_used
         last_step = step + 1 == total_steps or time_used >= 1
         if stage.val_rows is not None and s.eval_every and ((step + 1) % s.eval_every == 0 or last_step):
             metrics.update(evaluate(model, stage, s, run, device, autocast))
@@ -432,7 +437,7 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
         if run.is_main:
             with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(metrics, ensure_ascii=False) + "\n")
-            progress.update(metrics, step + 1 - start_step, time.perf_counter() - started)
+            progress.update(metrics, step + 1 - start_step, time.perf_counter() - resumed)
             sinks.log(metrics)
         if (s.save_every and (step + 1) % s.save_every == 0) or last_step:
             _save_training_checkpoint(stage, checkpoint_dir, step + 1, model, tokenizer, optimizer, source, history,
@@ -499,7 +504,7 @@ def _time_used(s: TrainSettings, started: float, run: Distributed, device) -> fl
     together when to stop, or one would wait for the others forever, and schedule the same rate."""
     if s.time_budget is None:
         return 0.0
-    spent = torch.tensor((time.perf_counter() - started) / s.time_budget, dtype=torch.float64, device=device)
+    spent = torch.tensor((time.perf_counter() - started) / s.time_budget, dtype=torch.float32, device=device)
     return run.all_reduce_max(spent).item()
 
 
@@ -725,7 +730,7 @@ class ProgressPrinter:
         self.last = time.perf_counter()
         remaining = [elapsed / steps_done * (self.total - m["step"])] if self.total < 10**12 else []
         if self.time_budget is not None:
-            remaining.append(max(self.time_budget - elapsed, 0))
+            remaining.append(max(self.time_budget * (1 - m.get("budget_used", 0.0)), 0))
         eta = f" | eta {_duration(min(remaining))}" if remaining else ""
         line = (f"step {m['step']}/{self.total if self.total < 10**12 else '?'} | loss {m['loss']:.4f} | "
                 f"lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s"
