@@ -39,7 +39,7 @@ SIZES = {
                  seconds=dict(pretrain=8, sft=6, lora=3, dpo=3, distill=3, student=6, grpo=4, agent=4), eval_limit=8),
     "tiny": dict(curriculum="small", more_text="medium", vocab=2048, preset="tiny", model=[],
                  student=["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
-                 seconds=dict(pretrain=300, sft=90, lora=45, dpo=45, distill=60, student=120, grpo=90, agent=90), eval_limit=200),
+                 seconds=dict(pretrain=300, sft=150, lora=45, dpo=45, distill=60, student=120, grpo=90, agent=90), eval_limit=200),
     # MiniMind2-small's 26M model on the larger curriculum: about an hour on a 2-core CPU; on a GPU the
     # same time budgets train many more steps.
     "small": dict(curriculum="medium", more_text=None, vocab=6400, preset="small", model=[],
@@ -112,7 +112,7 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
                                 *chat_flags, "--lr", "1e-3", "--rank", "8", "--alpha", "16"))
     stage(out, "dpo", training("dpo", "dpo", "--data", str(data / "dpo.jsonl"), "--init-from", str(sft),
                                "--seq-len", "256", "--batch-size", "8", "--warmup-steps", "10", "--lr", "1e-4",
-                               "--beta", "0.1", "--precompute-ref"))
+                               "--beta", "0.1", "--rpo-alpha", "1.0", "--precompute-ref"))
     stage(out, "distill", training("distill", "distill", "--data", str(data / "sft.jsonl"), "--teacher", str(sft),
                                    "--tokenizer", str(tokenizer), "--preset", "tiny", *plan["student"], *chat_flags,
                                    "--lr", "3e-3", "--alpha", "0.5", "--temperature", "1.0"))
