@@ -315,5 +315,7 @@ def test_some_files_only_are_the_same_files(curriculum, tmp_path):
     assert sorted(some["files"]) == ["eval_pretrain.jsonl", "eval_rl.jsonl", "pretrain.jsonl", "rl.jsonl"]
     for name, entry in some["files"].items():
         assert entry == manifest["files"][name]
+    # Written again into the full curriculum's folder, the manifest still lists every file.
+    assert synthesize(out, size="tiny", seed=0, stems=["rl"]) == manifest
     with pytest.raises(ValueError, match="unknown curriculum file sfft"):
         synthesize(tmp_path / "bad", size="tiny", stems=["sfft"])

@@ -39,7 +39,7 @@ SIZES = {
                  seconds=dict(pretrain=8, sft=6, lora=3, dpo=3, distill=3, student=6, grpo=4, agent=4), eval_limit=8),
     "tiny": dict(curriculum="small", more_text="medium", vocab=2048, preset="tiny", model=[],
                  student=["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
-                 seconds=dict(pretrain=300, sft=150, lora=45, dpo=45, distill=60, student=120, grpo=90, agent=90), eval_limit=200),
+                 seconds=dict(pretrain=450, sft=200, lora=45, dpo=45, distill=60, student=120, grpo=90, agent=90), eval_limit=200),
     # MiniMind2-small's 26M model on the larger curriculum: about an hour on a 2-core CPU; on a GPU the
     # same time budgets train many more steps.
     "small": dict(curriculum="medium", more_text=None, vocab=6400, preset="small", model=[],
@@ -124,12 +124,12 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
                                    "--max-steps", str(distill_steps)))
     stage(out, "grpo", training("rl", "grpo", "--algo", "grpo", "--data", str(data / "rl.jsonl"),
                                 "--init-from", str(out / "dpo" / "model"), "--reward", "math", "--num-generations", "8",
-                                "--batch-size", "4", "--max-new-tokens", "48", "--temperature", "1.0", "--lr", "1e-5",
+                                "--batch-size", "4", "--max-new-tokens", "48", "--temperature", "1.0", "--lr", "2e-5",
                                 "--warmup-steps", "5"))
     stage(out, "agent", training("rl", "agent", "--agent", "--algo", "grpo", "--data", str(data / "agent_rl.jsonl"),
                                  "--init-from", str(out / "grpo" / "model"), "--num-generations", "4",
                                  "--batch-size", "4", "--max-turns", "3", "--max-new-tokens", "64",
-                                 "--max-prompt-len", "1024", "--max-total-len", "1536", "--lr", "1e-5",
+                                 "--max-prompt-len", "1024", "--max-total-len", "1536", "--lr", "2e-5",
                                  "--warmup-steps", "5"))
     final = out / "agent" / "model"
     stage(out, "eval", lambda: evaluate_stages(out, limit=plan["eval_limit"]))

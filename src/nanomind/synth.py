@@ -963,6 +963,12 @@ def synthesize(out_dir: str | Path, size: str = "small", seed: int = 0, stems: l
             files[name] = {"format": FORMATS[stem], "split": "eval" if name.startswith("eval_") else "train",
                            **_write_jsonl(out_dir / name, records)}
     manifest = {"generator": "nanomind.synth", "size": size, "seed": seed, "files": files}
+    earlier = out_dir / "manifest.json"
+    if stems and earlier.exists():
+        # Some files only, into a folder of the same curriculum: the manifest keeps listing the others.
+        before = json.loads(earlier.read_text(encoding="utf-8"))
+        if all(before.get(key) == manifest[key] for key in ("generator", "size", "seed")):
+            manifest["files"] = {**before["files"], **files}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return manifest
 
