@@ -78,18 +78,23 @@ def main() -> None:
     if not (tok / "tokenizer.json").exists():
         run_command(["tokenizer", "train", "--data", str(data / "pretrain.jsonl"), str(data / "sft.jsonl"),
                      "--vocab-size", "2048", "--out", str(tok)])
-    pretrain = train(["pretrain", "--data", str(data / "pretrain.jsonl"), "--tokenizer", str(tok), "--preset", "tiny",
-                      "--seq-len", "256", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "20",
-                      "--max-steps", str(steps["pretrain"])], work / "pretrain")
     # A second pass on fresh text about the same world: the larger curriculum nests the smaller one (same
     # people, towns and held-out items), and reading new sentences, not the same ones again, is what
     # teaches a model this small to compute and copy numbers, which the RL stages then sharpen.
     more = work / "data-more"
     if not (more / "manifest.json").exists():
-        run_command(["data", "synth", "--out", str(more), "--size", "small" if args.quick else "medium"])
-    pretrain = train(["pretrain", "--data", str(more / "pretrain.jsonl"), "--init-from", str(pretrain / "model"),
-                      "--seq-len", "256", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "20",
-                      "--max-steps", str(steps["pretrain_more"])], work / "pretrain-more")
+        run_command(["data", "synth", "--out", str(more), "--size", "small" if args.quick else "medium",
+                     "--files", "pretrain"])
+
+    def pretrain_twice(model_flags: list[str], name: str) -> Path:
+        """Pretraining on the curriculum's text, then on the larger one's: the folder of the second pass."""
+        flags = ["--seq-len", "256", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "20"]
+        first = train(["pretrain", "--data", str(data / "pretrain.jsonl"), "--tokenizer", str(tok), *model_flags,
+                       *flags, "--max-steps", str(steps["pretrain"])], work / name)
+        return train(["pretrain", "--data", str(more / "pretrain.jsonl"), "--init-from", str(first / "model"),
+                      *flags, "--max-steps", str(steps["pretrain_more"])], work / f"{name}-more")
+
+    pretrain = pretrain_twice(["--preset", "tiny"], "pretrain")
     sft = train(["sft", "--data", str(data / "sft.jsonl"), "--init-from", str(pretrain / "model"), "--seq-len", "768",
                  "--batch-size", "8", "--lr", "1e-3", "--warmup-steps", "10", "--max-steps", str(steps["sft"])],
                 work / "sft") / "model"
@@ -143,13 +148,7 @@ def main() -> None:
 
     # MiniMind's own setup: the student is pretrained on the teacher's pretraining text first (both passes),
     # so that the held-out facts are in its weights too and the gap left is the SFT stage's.
-    student_pretrain = train(["pretrain", "--data", str(data / "pretrain.jsonl"), "--tokenizer", str(tok), *STUDENT,
-                              "--seq-len", "256", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "20",
-                              "--max-steps", str(steps["pretrain"])], work / "student-pretrain")
-    student_pretrain = train(["pretrain", "--data", str(more / "pretrain.jsonl"), "--init-from",
-                              str(student_pretrain / "model"), "--seq-len", "256", "--batch-size", "16", "--lr", "3e-3",
-                              "--warmup-steps", "20", "--max-steps", str(steps["pretrain_more"])],
-                             work / "student-pretrain-more")
+    student_pretrain = pretrain_twice(STUDENT, "student-pretrain")
     few = work / f"sft_first{FEW_CONVERSATIONS}.jsonl"
     with open(data / "sft.jsonl", encoding="utf-8") as f:
         few.write_text("".join(line for _, line in zip(range(FEW_CONVERSATIONS), f)), encoding="utf-8")
