@@ -115,3 +115,26 @@ def test_convert_rejects_what_it_cannot_read(tmp_path):
         convert(tmp_path / "llama", tmp_path / "out")
     with pytest.raises(CheckpointError, match="neither"):
         convert(tmp_path / "nothing.txt", tmp_path / "out")
+
+
+def test_keep_layers_runs_the_kept_blocks_of_the_source(tmp_path, tokenizer_dir):
+    model = random_model(tiny_config(num_hidden_layers=4))
+    save_checkpoint(model, tmp_path / "teacher", tokenizer=Tokenizer.load(tokenizer_dir))
+    kind, pruned = convert(tmp_path / "teacher", tmp_path / "student", layers=[0, 3])
+    assert kind == "huggingface-qwen3" and pruned.config.num_hidden_layers == 2
+    assert (tmp_path / "student" / "tokenizer.json").is_file()
+
+    # By hand: the source's embedding, its blocks 0 and 3, final norm and head.
+    ids = torch.randint(3, model.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cos, sin = model.rotary(torch.arange(13).expand(2, 13), 13)
+        x = model.model.embed_tokens(ids)
+        for i in (0, 3):
+            x, _ = model.model.layers[i](x, cos, sin, None, None, i)
+        expected = model.lm_head(model.model.norm(x))
+    assert torch.allclose(logits_of(load_model(tmp_path / "student")), expected, atol=1e-6)
+
+    for layers, message in (([0, 4], "has layers 0..3"), ([1, 1], "names a layer twice"), ([], "at least one")):
+        with pytest.raises(CheckpointError, match=message):
+            convert(tmp_path / "teacher", tmp_path / "bad", layers=layers)
+    assert not (tmp_path / "bad").exists()

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -307,9 +307,38 @@ def detect_source_kind(src: Path) -> str:
                           "MiniMind .pth state dict")
 
 
+def keep_layers(model: NanoMind, layers: list[int]) -> NanoMind:
+    """The model with only the given decoder layers, in the given order (depth pruning).
+
+    A student made this way starts from its teacher's embedding, layers and head, so it knows much of
+    what the teacher knows before it trains a step; the first and last layers matter most, as the
+    pruning literature finds (Gromov et al. 2024; Minitron, Muralidharan et al. 2024).
+    """
+    total = model.config.num_hidden_layers
+    if not layers:
+        raise CheckpointError("--keep-layers needs at least one layer")
+    if bad := [i for i in layers if not 0 <= i < total]:
+        raise CheckpointError(f"--keep-layers {','.join(map(str, bad))}: the model has layers 0..{total - 1}")
+    if len(set(layers)) != len(layers):
+        raise CheckpointError(f"--keep-layers {','.join(map(str, layers))} names a layer twice")
+    pruned = NanoMind(replace(model.config, num_hidden_layers=len(layers)), verbose=False)
+    pruned.to(next(model.parameters()).dtype)
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("model.layers."):
+            tensors[name] = tensor
+            continue
+        layer, rest = name.removeprefix("model.layers.").split(".", 1)
+        if int(layer) in layers:
+            tensors[f"model.layers.{layers.index(int(layer))}.{rest}"] = tensor
+    load_state_dict_strict(pruned, tensors, "the kept layers")
+    return pruned
+
+
 def convert(src: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-            dtype: torch.dtype | None = None) -> tuple[str, NanoMind]:
-    """Import a checkpoint into nanomind's format; returns the detected source kind and the model."""
+            dtype: torch.dtype | None = None, layers: list[int] | None = None) -> tuple[str, NanoMind]:
+    """Import a checkpoint into nanomind's format, optionally keeping only some of its decoder layers;
+    returns the detected source kind and the model."""
     from .tokenizer import Tokenizer
 
     src = Path(src)
@@ -330,6 +359,8 @@ def convert(src: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | No
         if tokenizer_dir is None:
             raise CheckpointError(f"{src}: a MiniMind .pth holds no tokenizer; pass --tokenizer DIR "
                                   "(the folder with MiniMind's tokenizer.json)")
+    if layers is not None:
+        model = keep_layers(model, layers)
     tokenizer = Tokenizer.load(tokenizer_dir) if tokenizer_dir else None
     save_checkpoint(model, out_dir, tokenizer=tokenizer, dtype=dtype or next(model.parameters()).dtype)
     return kind, model

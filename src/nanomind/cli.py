@@ -134,6 +134,13 @@ def _torch_dtype(name: str | None):
     return getattr(torch, name) if name else None
 
 
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer numbers separated by commas, e.g. 0,3; got {text!r}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Commands
 
@@ -217,8 +224,10 @@ def cmd_generate(args):
 
 def cmd_convert(args):
     from .checkpoint import convert
-    kind, model = convert(args.src, args.out, tokenizer_dir=args.tokenizer, dtype=_torch_dtype(args.dtype))
-    print(f"source: {kind}; {model.num_parameters() / 1e6:.2f}M parameters -> {args.out}")
+    kind, model = convert(args.src, args.out, tokenizer_dir=args.tokenizer, dtype=_torch_dtype(args.dtype),
+                          layers=args.keep_layers)
+    kept = f", layers {','.join(map(str, args.keep_layers))} kept" if args.keep_layers else ""
+    print(f"source: {kind}{kept}; {model.num_parameters() / 1e6:.2f}M parameters -> {args.out}")
 
 
 def cmd_data_synth(args):
@@ -398,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer directory (required for a .pth; default for a folder: the folder itself)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="save weights in this dtype (default: as in the source)")
+    p.add_argument("--keep-layers", type=_layer_list, default=None, metavar="I,J,...",
+                   help="keep only these decoder layers, in this order (depth pruning), e.g. 0,3 of a 4-layer "
+                        "model: a smaller student that starts from its teacher's weights, for `nanomind "
+                        "distill --init-from`")
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
     p = data.add_parser("synth", help="write the built-in bilingual curriculum for every training stage",

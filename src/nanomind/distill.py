@@ -29,6 +29,7 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -44,6 +45,8 @@ from .tokenizer import Tokenizer
 from .trainer import Stage, TrainingError, run_stage, unwrap
 
 KL_DIRECTIONS = ("forward", "reverse")
+# Black-box answers: how many batches' worth of prompts are sorted by length together.
+SORT_WINDOW_BATCHES = 16
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
@@ -146,21 +149,18 @@ def write_teacher_answers(model, tokenizer, data, out, params: SamplingParams, b
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     written = length_limited = tokens = 0
     started = last_print = time.perf_counter()
+    batches = itertools.count()  # a fixed --seed gives every batch its own (reproducible) random stream
     try:
         with tmp.open("w", encoding="utf-8") as f:
-            for i in itertools.count():
-                batch = list(itertools.islice(prompts, batch_size))
-                if not batch:
-                    break
-                # A fixed --seed gives every batch its own (reproducible) random stream.
-                batch_params = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
-                completions = generate(model, tokenizer, [ids for _, _, ids in batch], batch_params)
-                for (messages, tools, _), completion in zip(batch, completions):
+            while window := list(itertools.islice(prompts, batch_size * SORT_WINDOW_BATCHES)):
+                completions = _answer_by_length(model, tokenizer, [ids for _, _, ids in window], params,
+                                                batch_size, batches)
+                for (messages, tools, _), completion in zip(window, completions):
                     reply = assistant_message(completion.text, thinking, parse_tools=tools is not None)
                     f.write(json.dumps({"conversations": [*messages, reply]}, ensure_ascii=False) + "\n")
                     length_limited += completion.finish_reason == "length"
                     tokens += len(completion.token_ids)
-                written += len(batch)
+                written += len(window)
                 if time.perf_counter() - last_print > 5:
                     last_print = time.perf_counter()
                     print(f"generate: {written} answered, {tokens / (last_print - started):,.0f} tokens/s",
@@ -174,6 +174,24 @@ def write_teacher_answers(model, tokenizer, data, out, params: SamplingParams, b
           f"stopped at --max-new-tokens {params.max_new_tokens}"
           + (f"\n{bad.summary()}" if bad.total else ""), flush=True)
     return {"written": written, "length_limited": length_limited, "skipped": bad.total}
+
+
+def _answer_by_length(model, tokenizer, prompts: list[list[int]], params: SamplingParams, batch_size: int,
+                      batches: Iterator[int]) -> list:
+    """Completions of `prompts`, in their order, decoded `batch_size` at a time from the shortest prompt up.
+
+    Prompts range from a short question to a system prompt with tool definitions ten times as long, and
+    a batch is padded to its longest prompt: batches of prompts of about one length waste little.
+    """
+    completions = [None] * len(prompts)
+    by_length = sorted(range(len(prompts)), key=lambda j: len(prompts[j]))
+    for start in range(0, len(prompts), batch_size):
+        rows = by_length[start:start + batch_size]
+        i = next(batches)
+        batch_params = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+        for j, completion in zip(rows, generate(model, tokenizer, [prompts[j] for j in rows], batch_params)):
+            completions[j] = completion
+    return completions
 
 
 def _prompts(tokenizer, records, thinking: bool, max_new_tokens: int, context: int, skip_bad: bool, bad: BadLines):
