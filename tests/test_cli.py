@@ -50,16 +50,29 @@ def test_the_main_job_trains_saves_and_samples(tmp_path):
     """The README's first command at its test size: every stage runs, the final checkpoint loads in
     transformers, and a rerun skips the finished stages."""
     result = run("demo", "--out", tmp_path / "demo", "--size", "test")
-    for stage in ("data", "more-text", "tokenizer", "pretrain", "sft", "lora", "dpo", "distill", "student", "grpo",
-                  "agent", "eval", "chat", "report"):
+    for stage in ("data", "more-text", "tokenizer", "pretrain", "pretrain-more", "sft", "lora", "dpo", "student-init",
+                  "teacher-answers", "distill", "student", "grpo", "agent", "eval", "chat", "report"):
         assert f"[{stage}]" in result.stdout
-    # Pretraining reads a larger curriculum's text too; LoRA trains on the domain set plus as many
-    # general conversations (replay).
-    assert f"pretrain.jsonl {tmp_path / 'demo' / 'more-text' / 'pretrain.jsonl'}" in result.stdout
+    # A second pretraining pass reads a larger curriculum's text; LoRA trains on the domain set plus as
+    # many general conversations (replay).
+    assert (f"pretrain --data {tmp_path / 'demo' / 'more-text' / 'pretrain.jsonl'} --init-from "
+            f"{tmp_path / 'demo' / 'pretrain' / 'model'}") in result.stdout
+    assert f"--init-from {tmp_path / 'demo' / 'pretrain-more' / 'model'}" in result.stdout
     domain = (tmp_path / "demo" / "data" / "lora_domain.jsonl").read_text(encoding="utf-8").splitlines()
     mix = (tmp_path / "demo" / "lora" / "domain_and_replay.jsonl").read_text(encoding="utf-8").splitlines()
     general = (tmp_path / "demo" / "data" / "sft.jsonl").read_text(encoding="utf-8").splitlines()
     assert mix == domain + general[:len(domain)]
+    # Distillation: the student keeps some of the SFT model's layers and has the first conversations;
+    # the SFT model answers the next ones' prompts for it.
+    split = tmp_path / "demo" / "distill-data"
+    labeled = (split / "labeled.jsonl").read_text(encoding="utf-8").splitlines()
+    assert labeled == general[:demo.DISTILL_LABELED]
+    answers = (tmp_path / "demo" / "teacher-answers" / "sft.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(answers) == demo.SIZES["test"]["prompts"]
+    assert json.loads(answers[0])["conversations"][0] == json.loads(general[demo.DISTILL_LABELED])["conversations"][0]
+    student_init = tmp_path / "demo" / "student-init" / "model"
+    assert json.loads((student_init / "config.json").read_text())["num_hidden_layers"] == 1
+    assert f"--data {split / 'labeled.jsonl'} {tmp_path / 'demo' / 'teacher-answers' / 'sft.jsonl'}" in result.stdout
     report = (tmp_path / "demo" / "report.md").read_text()
     for section in ("## Stages", "## Curves", "## Held-out evaluations", "## Targets", "## Sample conversations"):
         assert section in report
@@ -75,7 +88,8 @@ def test_the_main_job_trains_saves_and_samples(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     rerun = run("demo", "--out", tmp_path / "demo", "--size", "test")
-    for stage in ("pretrain", "sft", "lora", "dpo", "distill", "student", "grpo", "agent", "eval"):
+    for stage in ("pretrain", "sft", "lora", "dpo", "student-init", "teacher-answers", "distill", "student", "grpo",
+                  "agent", "eval"):
         assert f"[{stage}] already done, skipping" in rerun.stdout
     # The plain-SFT student took exactly as many steps as the distilled one.
     assert last_step(tmp_path / "demo" / "student") == last_step(tmp_path / "demo" / "distill")
@@ -108,14 +122,24 @@ def test_every_demo_size_plans_commands_that_parse(tmp_path, monkeypatch, size):
     monkeypatch.setattr(demo, "chat_samples", lambda *a, **k: [])
     monkeypatch.setattr(demo, "held_out_questions", lambda *a, **k: [])
     monkeypatch.setattr(demo, "write_replay_mix", lambda domain, general, out: out)
+    monkeypatch.setattr(demo, "split_conversations",
+                        lambda conversations, folder, labeled, prompts: (folder / "labeled.jsonl", folder / "prompts.jsonl"))
     demo.run_demo(tmp_path / "demo", size=size)
     planned = [c[0] for c in commands]
-    more_text = ["data"] if demo.SIZES[size]["more_text"] else []
-    assert planned == ["data", "tokenizer", *more_text, "pretrain", "sft", "lora", "dpo", "distill", "sft", "rl", "rl"]
-    pretrain = commands[planned.index("pretrain")]
-    assert len(pretrain[pretrain.index("--data") + 1:pretrain.index("--tokenizer")]) == 1 + len(more_text)
-    student = commands[len(planned) - 3]
+    more_text = ["data", "pretrain"] if demo.SIZES[size]["more_text"] else []
+    assert planned == ["data", "tokenizer", "pretrain", *more_text, "sft", "lora", "dpo", "convert", "generate",
+                       "distill", "sft", "rl", "rl"]
+    sft = commands[planned.index("sft")]
+    pretrained = "pretrain-more" if more_text else "pretrain"
+    assert sft[sft.index("--init-from") + 1] == str(tmp_path / "demo" / pretrained / "model")
+    distill, student = commands[planned.index("distill")], commands[len(planned) - 3]
     assert student[student.index("--max-steps") + 1] == "7"
+    labeled = str(tmp_path / "demo" / "distill-data" / "labeled.jsonl")
+    assert distill[distill.index("--data") + 1:distill.index("--teacher")] == [
+        labeled, str(tmp_path / "demo" / "teacher-answers" / "sft.jsonl")]
+    assert student[student.index("--data") + 1] == labeled and student[student.index("--data") + 2].startswith("--")
+    init = str(tmp_path / "demo" / "student-init" / "model")
+    assert distill[distill.index("--init-from") + 1] == init == student[student.index("--init-from") + 1]
 
 
 def test_tokenizer_train_and_bad_input_errors(tmp_path):

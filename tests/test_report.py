@@ -26,5 +26,5 @@ def test_report_tables_and_targets_come_from_the_run_files(tmp_path):
     assert "| DPO held-out preference accuracy | 70% -> 78% | >= 80% | **no (shortfall)** |" in report
     # The distilled student (2.0) closes (2.5 - 2.0) / (2.5 - 1.0) = 33% of the plain student's gap.
     assert "| 33% (1.00 / 2.50 / 2.00) | >= 50% | **no (shortfall)** |" in report
-    assert (tmp_path / "report" / "01-sft.png").stat().st_size > 1000
+    assert (tmp_path / "report" / "02-sft.png").stat().st_size > 1000
     assert "- **user:** What is 2 plus 2?" in report and "**nanomind:** 4" in report

@@ -2,15 +2,18 @@
 
   1. data       `nanomind data synth`: the built-in bilingual curriculum        -> DIR/data
   2. tokenizer  `nanomind tokenizer train` on its pretraining and SFT text      -> DIR/tokenizer
-  3. pretrain   `nanomind pretrain` on the curriculum's text and a larger one's -> DIR/pretrain/model
-                about the same world (written by the more-text stage)
+  3. pretrain   `nanomind pretrain` on the curriculum's text                   -> DIR/pretrain/model
+     pretrain-more  then on a larger curriculum's text about the same world   -> DIR/pretrain-more/model
+                (fresh sentences, written by the more-text stage)
   4. sft        `nanomind sft` on its conversations (reasoning, tool calls)     -> DIR/sft/model
   5. lora       `nanomind lora` on the domain set mixed with as many general    -> DIR/lora/adapter
                 conversations (replay against forgetting): an adapter on the SFT model
   6. dpo        `nanomind dpo` on chosen/rejected pairs, from the SFT model     -> DIR/dpo/model
-  7. distill    `nanomind distill`: a smaller student taught by the SFT model   -> DIR/distill/model
-     student    `nanomind sft`: the same student by plain SFT, as many steps    -> DIR/student/model
-                (the yardstick: how much of the gap to the teacher distillation closes)
+  7. distill    a student with half the SFT model's layers (`nanomind convert --keep-layers`) has
+                200 answered conversations; the SFT model answers more prompts (`nanomind generate
+                --data`) and `nanomind distill` teaches the student on both     -> DIR/distill/model
+     student    `nanomind sft`: the same student by plain SFT on its 200, as   -> DIR/student/model
+                many steps (the yardstick: how much of the gap to the teacher distillation closes)
   8. grpo       `nanomind rl --algo grpo` on checkable questions, from DPO      -> DIR/grpo/model
   9. agent      `nanomind rl --agent`: multi-turn tool use (calculator, units)  -> DIR/agent/model
  10. eval       every stage's model on the held-out files                       -> DIR/eval/results.json
@@ -31,20 +34,19 @@ from .report import evaluate_stages, held_out_questions, write_report
 
 SIZES = {
     # curriculum, the larger one whose pretraining text is read too (the same world, fresh sentences),
-    # tokenizer vocabulary, model preset and flags (the student's too), seconds per training stage,
-    # held-out items per evaluation
+    # tokenizer vocabulary, model preset and flags, the teacher's layers the student keeps, how many
+    # prompts the teacher answers for it, seconds per training stage, held-out items per evaluation
     "test": dict(curriculum="tiny", more_text="small", vocab=600, preset="tiny",
                  model=["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
-                 student=["--hidden-size", "32", "--num-layers", "2", "--intermediate-size", "96", "--head-dim", "8"],
-                 seconds=dict(pretrain=8, sft=6, lora=3, dpo=3, distill=3, student=6, grpo=4, agent=4), eval_limit=8),
+                 student_layers="0", prompts=40,
+                 seconds=dict(pretrain=4, pretrain_more=4, sft=6, lora=3, dpo=3, distill=3, student=6, grpo=4, agent=4), eval_limit=8),
     "tiny": dict(curriculum="small", more_text="medium", vocab=2048, preset="tiny", model=[],
-                 student=["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
-                 seconds=dict(pretrain=450, sft=200, lora=45, dpo=45, distill=60, student=120, grpo=90, agent=90), eval_limit=200),
+                 student_layers="0,3", prompts=2400,
+                 seconds=dict(pretrain=225, pretrain_more=225, sft=200, lora=45, dpo=45, distill=60, student=60, grpo=90, agent=90), eval_limit=200),
     # MiniMind2-small's 26M model on the larger curriculum: about an hour on a 2-core CPU; on a GPU the
     # same time budgets train many more steps.
     "small": dict(curriculum="medium", more_text=None, vocab=6400, preset="small", model=[],
-                  student=["--hidden-size", "256", "--num-layers", "4", "--intermediate-size", "704",
-                           "--head-dim", "64", "--num-heads", "4", "--num-kv-heads", "2"],
+                  student_layers="0,1,6,7", prompts=8000,
                   seconds=dict(pretrain=1200, sft=600, lora=150, dpo=240, distill=300, student=600, grpo=420,
                                agent=420),
                   eval_limit=400),
@@ -73,6 +75,9 @@ def stage(out: Path, name: str, argv_or_fn) -> Path:
     return folder
 
 
+DISTILL_LABELED = 200  # answered conversations the student has of its own
+
+
 def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str = "cpu") -> Path:
     out = Path(out_dir)
     plan = SIZES[size]
@@ -85,26 +90,29 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
 
     def training(command: str, name: str, *flags: str) -> list[str]:
         # Every training stage: time-boxed, checkpointed, resumable; epochs only cap very fast machines.
-        return [command, *flags, "--time-budget", str(seconds[name]), "--epochs", "20", "--resume",
+        return [command, *flags, "--time-budget", str(seconds[name.replace("-", "_")]), "--epochs", "20", "--resume",
                 "--out", str(out / name), "--device", device, "--seed", str(seed), "--eval-every", "48",
                 "--save-every", "48"]
 
-    texts = [str(data / "pretrain.jsonl")]
+    pretrain_flags = ["--seq-len", "256", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "20"]
+    stage(out, "pretrain", training("pretrain", "pretrain", "--data", str(data / "pretrain.jsonl"),
+                                    "--tokenizer", str(tokenizer), "--preset", plan["preset"], *plan["model"],
+                                    *pretrain_flags))
+    pretrained = out / "pretrain" / "model"
     if plan["more_text"]:
-        # New sentences about the same world, not the same ones again, are what teach a small model to
-        # compute and copy numbers, which GRPO then sharpens. (benchmarks/bench_finetune.py measured it
-        # with two passes, the curriculum's text and then this one; the demo reads both in one.)
+        # A second pass on new sentences about the same world, not the same ones again: that is what
+        # teaches a model this small to compute and copy numbers, which GRPO then sharpens
+        # (benchmarks/bench_finetune.py measured it).
         more = out / "more-text"
         stage(out, "more-text", ["data", "synth", "--out", str(more), "--size", plan["more_text"], "--files",
                                  "pretrain", "--seed", str(seed)])
-        texts.append(str(more / "pretrain.jsonl"))
-    stage(out, "pretrain", training("pretrain", "pretrain", "--data", *texts,
-                                    "--tokenizer", str(tokenizer), "--preset", plan["preset"], *plan["model"],
-                                    "--seq-len", "256", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "20"))
+        stage(out, "pretrain-more", training("pretrain", "pretrain-more", "--data", str(more / "pretrain.jsonl"),
+                                             "--init-from", str(pretrained), *pretrain_flags))
+        pretrained = out / "pretrain-more" / "model"
     sft = out / "sft" / "model"
     chat_flags = ["--seq-len", "768", "--batch-size", "8", "--warmup-steps", "10"]
-    stage(out, "sft", training("sft", "sft", "--data", str(data / "sft.jsonl"),
-                               "--init-from", str(out / "pretrain" / "model"), *chat_flags, "--lr", "1e-3"))
+    stage(out, "sft", training("sft", "sft", "--data", str(data / "sft.jsonl"), "--init-from", str(pretrained),
+                               *chat_flags, "--lr", "1e-3"))
     lora_data = out / "lora" / "domain_and_replay.jsonl"
     if not (out / "lora" / "DONE").exists():
         write_replay_mix(data / "lora_domain.jsonl", data / "sft.jsonl", lora_data)
@@ -113,15 +121,22 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
     stage(out, "dpo", training("dpo", "dpo", "--data", str(data / "dpo.jsonl"), "--init-from", str(sft),
                                "--seq-len", "256", "--batch-size", "8", "--warmup-steps", "10", "--lr", "1e-4",
                                "--beta", "0.1", "--rpo-alpha", "1.0", "--precompute-ref"))
-    stage(out, "distill", training("distill", "distill", "--data", str(data / "sft.jsonl"), "--teacher", str(sft),
-                                   "--tokenizer", str(tokenizer), "--preset", "tiny", *plan["student"], *chat_flags,
-                                   "--lr", "3e-3", "--alpha", "0.5", "--temperature", "1.0"))
-    # The yardstick for distillation: the same student (same initialisation, data and order) trained
-    # by plain SFT for as many steps as the distilled one took.
-    distill_steps = last_step(out / "distill")
-    stage(out, "student", training("sft", "student", "--data", str(data / "sft.jsonl"), "--tokenizer", str(tokenizer),
-                                   "--preset", "tiny", *plan["student"], *chat_flags, "--lr", "3e-3",
-                                   "--max-steps", str(distill_steps)))
+    # Distillation where it pays: the student has few answered conversations, and the teacher answers
+    # many more prompts (black-box), whose next-token distributions the student then learns (white-box).
+    # The student is the teacher with half its layers (depth pruning), so it starts knowing the world.
+    labeled, prompts = split_conversations(data / "sft.jsonl", out / "distill-data", DISTILL_LABELED, plan["prompts"])
+    student_init = out / "student-init" / "model"
+    stage(out, "student-init", ["convert", str(sft), "--out", str(student_init), "--keep-layers", plan["student_layers"]])
+    answers = out / "teacher-answers" / "sft.jsonl"
+    stage(out, "teacher-answers", ["generate", "--model", str(sft), "--data", str(prompts), "--out", str(answers),
+                                   "--think", "--batch-size", "64", "--max-new-tokens", "160", "--device", device])
+    stage(out, "distill", training("distill", "distill", "--data", str(labeled), str(answers), "--teacher", str(sft),
+                                   "--init-from", str(student_init), *chat_flags, "--lr", "1e-3",
+                                   "--alpha", "0.5", "--temperature", "1.0"))
+    # The yardstick: the same student (same initialisation) by plain SFT on the answered conversations it
+    # has, for as many steps as the distilled one took.
+    stage(out, "student", training("sft", "student", "--data", str(labeled), "--init-from", str(student_init),
+                                   *chat_flags, "--lr", "1e-3", "--max-steps", str(last_step(out / "distill"))))
     stage(out, "grpo", training("rl", "grpo", "--algo", "grpo", "--data", str(data / "rl.jsonl"),
                                 "--init-from", str(out / "dpo" / "model"), "--reward", "math", "--num-generations", "8",
                                 "--batch-size", "4", "--max-new-tokens", "48", "--temperature", "1.0", "--lr", "2e-5",
@@ -153,6 +168,17 @@ def write_replay_mix(domain: Path, general: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(line + "\n" for line in domain_lines + replay), encoding="utf-8")
     return out
+
+
+def split_conversations(conversations: Path, folder: Path, labeled: int, prompts: int) -> tuple[Path, Path]:
+    """The first `labeled` conversations (answers kept) and the next `prompts` ones (for the teacher to
+    answer), as two files in `folder`."""
+    with open(conversations, encoding="utf-8") as f:
+        lines = [line for _, line in zip(range(labeled + prompts), f)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "labeled.jsonl").write_text("".join(lines[:labeled]), encoding="utf-8")
+    (folder / "prompts.jsonl").write_text("".join(lines[labeled:]), encoding="utf-8")
+    return folder / "labeled.jsonl", folder / "prompts.jsonl"
 
 
 def last_step(folder: Path) -> int:

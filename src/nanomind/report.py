@@ -12,7 +12,8 @@ import json
 import re
 from pathlib import Path
 
-STAGES = ["pretrain", "sft", "lora", "dpo", "distill", "student", "grpo", "agent"]
+STAGES = ["pretrain", "sft", "lora", "dpo", "distill", "student", "grpo", "agent"]  # evaluated
+TRAINING_STAGES = ["pretrain", "pretrain-more", *STAGES[1:]]  # timed and plotted (those that ran)
 ARITHMETIC = re.compile(r"\d+\s*[-+×x*/÷]\s*\d+")
 
 
@@ -141,6 +142,7 @@ def _plot(path: Path, title: str, rows: list[dict], series: list[str]) -> bool:
 # (stage, plot title, metric series)
 PLOTS = [
     ("pretrain", "pretraining loss", ["loss", "val_loss"]),
+    ("pretrain-more", "pretraining loss, second pass (the larger curriculum's text)", ["loss", "val_loss"]),
     ("sft", "SFT loss", ["loss", "val_loss"]),
     ("lora", "LoRA loss (domain set)", ["loss", "val_loss"]),
     ("dpo", "DPO loss", ["loss", "val_loss"]),
@@ -178,7 +180,8 @@ def _targets(results: dict) -> list[tuple[str, str, str, bool | None]]:
         # The plain-SFT student's gap to the teacher, and how much of it the distilled student closes.
         teacher, plain, distilled = r("sft", "sft_loss"), r("student", "sft_loss"), r("distill", "sft_loss")
         closed = (plain - distilled) / (plain - teacher) if plain > teacher else float("nan")
-        rows.append(("distillation: gap to the teacher closed (eval_sft loss: teacher / plain-SFT student / "
+        rows.append(("distillation (half-depth student, 200 conversations; distilled also on the teacher's answers "
+                     "to more prompts): gap to the teacher closed (eval_sft loss: teacher / plain-SFT student / "
                      "distilled student)", f"{closed:.0%} ({teacher:.2f} / {plain:.2f} / {distilled:.2f})",
                      ">= 50%", closed >= 0.5))
     if r("agent", "tool_tasks") is not None:
@@ -199,7 +202,7 @@ def write_report(out: str | Path, samples: list[tuple[str, str]] = ()) -> Path:
              "`eval/results.json`.", "", "## Stages", "",
              "| stage | wall time | steps | tokens read | tokens/s | final loss | final val loss |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    for name in STAGES:
+    for name in TRAINING_STAGES:
         rows = _metrics(out / name)
         if not rows:
             continue
