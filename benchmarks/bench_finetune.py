@@ -7,12 +7,16 @@ One run on this machine, with the same commands a user types (each is printed):
             held-out domain loss gain, and the change of the general held-out SFT loss (forgetting)
   DPO       on dpo.jsonl: held-out preference accuracy (eval_dpo.jsonl) before and after (target >= 80%),
             and steps/s with the live reference vs --precompute-ref
-  distill   a smaller student trained by plain SFT and by distillation from the SFT model, same data,
-            steps, seed and initialisation: the share of the teacher-student validation-loss gap that
-            distillation closes compared with plain SFT (target >= 50%). Three settings: the default one
-            (hidden 64, 2 layers, all of sft.jsonl), a data-limited one (hidden 128, 2 layers, the
-            first 200 conversations of sft.jsonl, many epochs), where plain SFT overfits, and the
-            default student pretrained on the teacher's pretraining text first, as MiniMind does
+  distill   a smaller student trained by plain SFT and by distillation from the SFT model, same steps,
+            seed and initialisation: the share of the teacher-student validation-loss gap that
+            distillation closes compared with plain SFT (target >= 50%). On the same data: the default
+            student (hidden 64, 2 layers, all of sft.jsonl), a data-limited one (hidden 128, 2 layers,
+            the first 200 conversations, many epochs), and the default student pretrained on the
+            teacher's pretraining text first, as MiniMind does. Then where distillation is used in
+            practice: the student has the first 200 conversations, and the teacher answers the other
+            prompts (`nanomind generate --data`) for the distilled one, which learns the teacher's
+            distributions on both; the pretrained student, and one made of the teacher's first and last
+            layers (`nanomind convert --keep-layers 0,3`)
 
   python benchmarks/bench_finetune.py [--quick] [--write] [--work DIR]
 """
@@ -30,7 +34,7 @@ import numpy as np
 
 from bench_core import RESULTS_PATH, outcome_table, replace_section
 from nanomind.checkpoint import load_model
-from nanomind.demo import run_command, write_replay_mix
+from nanomind.demo import run_command, split_conversations, write_replay_mix
 from nanomind.evaluation import held_out_loss, preference_accuracy
 from nanomind.lora import load_adapter
 from nanomind.tokenizer import Tokenizer
@@ -42,6 +46,7 @@ STUDENT = ["--preset", "tiny", "--hidden-size", "64", "--num-layers", "2", "--he
 FEW_STUDENT = ["--preset", "tiny", "--hidden-size", "128", "--num-layers", "2", "--head-dim", "32",
                "--intermediate-size", "384"]
 FEW_CONVERSATIONS = 200
+HALF_DEPTH_LAYERS = "0,3"  # of the teacher's four: the first and last layers matter most
 DISTILL_FLAGS = ["--alpha", "0.5", "--temperature", "1.0"]  # the default setting's, as in the demo
 FEW_DISTILL_FLAGS = ["--alpha", "0.0", "--temperature", "1.0"]  # the best measured in the data-limited one
 
@@ -69,8 +74,10 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/nanomind-bench-finetune"),
                    help="working folder (finished runs in it are reused)")
     args = p.parse_args()
-    steps = ({"pretrain": 30, "pretrain_more": 10, "sft": 20, "lora": 10, "dpo": 10, "distill": 20, "distill_few": 20} if args.quick else
-             {"pretrain": 800, "pretrain_more": 800, "sft": 400, "lora": 150, "dpo": 150, "distill": 400, "distill_few": 200})
+    steps = ({"pretrain": 30, "pretrain_more": 10, "sft": 20, "lora": 10, "dpo": 10, "distill": 20, "distill_few": 20,
+              "distill_half_depth": 20} if args.quick else
+             {"pretrain": 800, "pretrain_more": 800, "sft": 400, "lora": 150, "dpo": 150, "distill": 400, "distill_few": 200,
+              "distill_half_depth": 200})
     work, started = args.work, time.perf_counter()
     data, tok = work / "data", work / "tokenizer"
     if not (data / "manifest.json").exists():
@@ -131,16 +138,20 @@ def main() -> None:
     # Distillation of a smaller student from the SFT model, against plain SFT of the same student
     teacher_loss = sft_loss(base_model, "eval_sft.jsonl")
 
-    def distillation(name: str, student: list[str], data_file: Path, steps: int,
-                     flags: list[str]) -> tuple[float, float, float]:
-        """(plain-SFT loss, distilled loss, share of the gap closed) on eval_sft, same data, steps and seed.
-        `student` is a fresh model's flags or ["--init-from", CHECKPOINT]."""
+    def distillation(name: str, student: list[str], data_file: Path, steps: int, flags: list[str],
+                     teacher_answers: Path | None = None, lr: str = "3e-3") -> tuple[float, float, float]:
+        """(plain-SFT loss, distilled loss, share of the gap closed) on eval_sft, same steps, seed and
+        initialisation. `student` is a fresh model's flags or ["--init-from", CHECKPOINT]. Plain SFT trains
+        on `data_file`; distillation on it too, and on `teacher_answers` (the teacher's answers to more
+        prompts) when given."""
         if student[0] != "--init-from":
             student = ["--tokenizer", str(tok), *student]
-        common = ["--data", str(data_file), *student, "--seq-len", "768", "--batch-size", "8",
-                  "--lr", "3e-3", "--warmup-steps", "10", "--max-steps", str(steps)]
-        plain = train(["sft", *common], work / f"student{name}-sft")
-        distilled = train(["distill", "--teacher", str(sft), *flags, *common], work / f"student{name}-distill")
+        common = [*student, "--seq-len", "768", "--batch-size", "8", "--lr", lr, "--warmup-steps", "10",
+                  "--max-steps", str(steps)]
+        plain = train(["sft", "--data", str(data_file), *common], work / f"student{name}-sft")
+        distill_data = [str(data_file)] + ([str(teacher_answers)] if teacher_answers else [])
+        distilled = train(["distill", "--data", *distill_data, "--teacher", str(sft), *flags, *common],
+                          work / f"student{name}-distill")
         plain_loss = sft_loss(load_model(plain / "model"), "eval_sft.jsonl")
         distilled_loss = sft_loss(load_model(distilled / "model"), "eval_sft.jsonl")
         closed = (plain_loss - distilled_loss) / (plain_loss - teacher_loss) if plain_loss > teacher_loss else float("nan")
@@ -149,9 +160,16 @@ def main() -> None:
     # MiniMind's own setup: the student is pretrained on the teacher's pretraining text first (both passes),
     # so that the held-out facts are in its weights too and the gap left is the SFT stage's.
     student_pretrain = pretrain_twice(STUDENT, "student-pretrain")
-    few = work / f"sft_first{FEW_CONVERSATIONS}.jsonl"
-    with open(data / "sft.jsonl", encoding="utf-8") as f:
-        few.write_text("".join(line for _, line in zip(range(FEW_CONVERSATIONS), f)), encoding="utf-8")
+    # The few conversations a data-limited student has, and the prompts of the others, which the teacher
+    # answers for it (black-box; distillation then also learns the teacher's distributions on them).
+    few, rest = split_conversations(data / "sft.jsonl", work / "distill-data", FEW_CONVERSATIONS, 10 ** 9)
+    answers = work / "teacher-answers.jsonl"
+    if not answers.exists():
+        run_command(["generate", "--model", str(sft), "--data", str(rest), "--out", str(answers), "--think",
+                     "--batch-size", "64", "--max-new-tokens", "160", "--device", "cpu"])
+    half_depth = work / "student-half-depth"
+    if not (half_depth / "config.json").exists():
+        run_command(["convert", str(sft), "--out", str(half_depth), "--keep-layers", HALF_DEPTH_LAYERS])
     distill_rows = {
         "all of sft.jsonl, hidden 64, alpha 0.5": distillation("", STUDENT, data / "sft.jsonl", steps["distill"],
                                                                DISTILL_FLAGS),
@@ -159,7 +177,15 @@ def main() -> None:
             "-few", FEW_STUDENT, few, steps["distill_few"], FEW_DISTILL_FLAGS),
         "all of sft.jsonl, hidden 64 pretrained like the teacher, alpha 0.5": distillation(
             "-pretrained", ["--init-from", str(student_pretrain / "model")], data / "sft.jsonl", steps["distill"],
-            DISTILL_FLAGS)}
+            DISTILL_FLAGS),
+        f"first {FEW_CONVERSATIONS} conversations + the teacher's answers to the other prompts, hidden 64 "
+        "pretrained like the teacher, alpha 0.5": distillation(
+            "-pretrained-answers", ["--init-from", str(student_pretrain / "model")], few, steps["distill"],
+            DISTILL_FLAGS, teacher_answers=answers),
+        f"first {FEW_CONVERSATIONS} conversations + the teacher's answers to the other prompts, the teacher's "
+        f"layers {HALF_DEPTH_LAYERS}, alpha 0.5": distillation(
+            "-half-depth-answers", ["--init-from", str(half_depth)], few, steps["distill_half_depth"],
+            DISTILL_FLAGS, teacher_answers=answers, lr="1e-3")}
 
     live, pre = steps_per_s(dpo_live), steps_per_s(dpo_pre)
     lora_rows = []
@@ -186,17 +212,23 @@ def main() -> None:
     section = "\n".join([
         "## Fine-tuning: LoRA, DPO, distillation", "",
         f"On the built-in curriculum ({'tiny' if args.quick else 'small'}), CPU, one run "
-        f"({elapsed / 60:.0f} min): `python benchmarks/bench_finetune.py{' --quick' if args.quick else ''} --write`. "
+        f"({elapsed / 60:.0f} min; runs already finished in its --work folder are reused; about 32 min from scratch): "
+        f"`python benchmarks/bench_finetune.py{' --quick' if args.quick else ''} --write`. "
         f"Tokenizer: 2048 tokens, Qwen2's splitting (one token per digit). "
         f"Base: `tiny` preset, {steps['pretrain']} pretraining steps on the curriculum's text, "
         f"{steps['pretrain_more']} more on the larger curriculum's (same world, fresh sentences), then "
         f"{steps['sft']} SFT steps. LoRA r=8 for "
-        f"{steps['lora']} steps (lr 1e-3); DPO sigmoid beta 0.1 for {steps['dpo']} steps; each student (hidden 64, "
-        f"2 layers, on all of sft.jsonl, {steps['distill']} steps; hidden 128, 2 layers, on its first "
-        f"{FEW_CONVERSATIONS} conversations, {steps['distill_few']} steps; hidden 64 again, pretrained first "
-        f"on both pretraining texts for as many steps as the teacher) trained (lr 3e-3) from the same "
-        f"initialisation by SFT and by forward-KL distillation from the SFT model ({' '.join(DISTILL_FLAGS)}, "
-        f"{' '.join(FEW_DISTILL_FLAGS)} and {' '.join(DISTILL_FLAGS)} respectively).", "", *table, ""])
+        f"{steps['lora']} steps (lr 1e-3); DPO sigmoid beta 0.1 for {steps['dpo']} steps. Each student is trained "
+        f"from the same initialisation by SFT and by forward-KL distillation from the SFT model, for the same "
+        f"steps: hidden 64, 2 layers, on all of sft.jsonl, {steps['distill']} steps; hidden 128, 2 layers, on its "
+        f"first {FEW_CONVERSATIONS} conversations, {steps['distill_few']} steps ({' '.join(FEW_DISTILL_FLAGS)}); "
+        f"hidden 64 pretrained first on both pretraining texts for as many steps as the teacher, "
+        f"{steps['distill']} steps (all lr 3e-3). With the teacher's answers: plain SFT on the first "
+        f"{FEW_CONVERSATIONS} conversations, distillation on them and on the teacher's greedy answers to the "
+        f"prompts of the other {len(rest.read_text(encoding='utf-8').splitlines())}; the pretrained hidden-64 "
+        f"student ({steps['distill']} steps, lr 3e-3) and the teacher's layers {HALF_DEPTH_LAYERS} "
+        f"({steps['distill_half_depth']} steps, lr 1e-3). Distillation flags {' '.join(DISTILL_FLAGS)} unless "
+        f"stated.", "", *table, ""])
     print("\n" + section)
     if args.write:
         replace_section(RESULTS_PATH, "## Fine-tuning", section)
