@@ -202,13 +202,15 @@ def interleaved_timing(steps: dict, warmup: int, timed: int, max_rounds: int | N
             "contended": not enough}
 
 
-MATRIX_KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+MATRIX_KERNELS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::addbmm",
+                  "aten::_scaled_dot_product_flash_attention_for_cpu",
                   "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+PROFILED_STEPS = 2
 
 
-def matrix_share(step, steps: int = 2) -> float:
-    """The share of a training step's wall time spent in matrix products (matmuls and attention
-    kernels), from torch.profiler over `steps` steps: what bounds the utilisation from above."""
+def matrix_seconds(step, steps: int = PROFILED_STEPS) -> tuple[float, float]:
+    """(seconds in matrix products, i.e. matmuls and attention kernels, per step; their share of the
+    step's wall time) from torch.profiler over `steps` steps: what bounds the utilisation."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -216,8 +218,8 @@ def matrix_share(step, steps: int = 2) -> float:
         for _ in range(steps):
             step()
         wall = time.perf_counter() - t0
-    matrix_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATRIX_KERNELS)
-    return matrix_us / 1e6 / wall
+    matrix_s = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATRIX_KERNELS) / 1e6
+    return matrix_s / steps, matrix_s / wall
 
 
 def train_flops_per_step(config: ModelConfig, n_params: int, batch: int, seq: int) -> tuple[float, float]:
@@ -248,6 +250,7 @@ class TrainResult:
     discarded: int = 0
     contended: bool = False
     matrix_share: float | None = None  # nanomind's, for `base`
+    matrix_s: float | None = None  # seconds per step in matrix products
 
     def tokens_per_s(self, kind: str) -> float:
         return self.batch * self.seq / statistics.median(self.times[kind])
@@ -271,7 +274,7 @@ def bench_training(preset: str, batch: int, seq: int, warmup: int, timed: int, l
                          train_flops_per_step(config, n_params, batch, seq),
                          timing["rounds"], timing["discarded"], timing["contended"])
     if preset == "base":
-        result.matrix_share = matrix_share(steps["nanomind"])
+        result.matrix_s, result.matrix_share = matrix_seconds(steps["nanomind"])
         log(f"  nanomind: matrix products take {result.matrix_share:.0%} of a profiled step")
     if timing["discarded"]:
         log(f"  {timing['discarded']} of {timing['rounds']} rounds ran while other processes used the CPU"
@@ -515,10 +518,9 @@ def render_details(train: list[TrainResult], decode: DecodeResult, peak: Peak) -
             lines.append(f"Against the typical (median) matmul rate, {peak.typical / 1e9:.1f} GFLOP/s, the "
                          f"`base` step reaches {mfu[0]:.1f}% (nanomind) and {mfu[1]:.1f}% (transformers).")
             if r.matrix_share:
-                achieved = sum(r.flops) / statistics.median(r.times["nanomind"]) / peak.best
+                rate = sum(r.flops) / r.matrix_s / peak.best
                 lines.append("")
-                rate = achieved / r.matrix_share
-                lines.append(f"Where nanomind's `base` step goes (torch.profiler, 2 steps; its own overhead counts "
+                lines.append(f"Where nanomind's `base` step goes (torch.profiler, {PROFILED_STEPS} steps; its own overhead counts "
                              f"against the small ops): matrix products (matmuls and the attention kernels) take "
                              f"{r.matrix_share:.0%} of it and run at {rate:.0%} of the peak while they do; the other "
                              f"{1 - r.matrix_share:.0%} is elementwise work (SwiGLU, norms, rotary, residuals) and "

@@ -117,11 +117,12 @@ def test_convert_rejects_what_it_cannot_read(tmp_path):
         convert(tmp_path / "nothing.txt", tmp_path / "out")
 
 
-def test_keep_layers_runs_the_kept_blocks_of_the_source(tmp_path, tokenizer_dir):
-    model = random_model(tiny_config(num_hidden_layers=4))
+@pytest.mark.parametrize("moe", [False, True])
+def test_keep_layers_runs_the_kept_blocks_of_the_source(tmp_path, tokenizer_dir, moe):
+    model = random_model(tiny_config(moe=moe, num_hidden_layers=4, tie_word_embeddings=not moe))
     save_checkpoint(model, tmp_path / "teacher", tokenizer=Tokenizer.load(tokenizer_dir))
     kind, pruned = convert(tmp_path / "teacher", tmp_path / "student", layers=[0, 3])
-    assert kind == "huggingface-qwen3" and pruned.config.num_hidden_layers == 2
+    assert kind == ("huggingface-qwen3-moe" if moe else "huggingface-qwen3") and pruned.config.num_hidden_layers == 2
     assert (tmp_path / "student" / "tokenizer.json").is_file()
 
     # By hand: the source's embedding, its blocks 0 and 3, final norm and head.
@@ -131,6 +132,8 @@ def test_keep_layers_runs_the_kept_blocks_of_the_source(tmp_path, tokenizer_dir)
         x = model.model.embed_tokens(ids)
         for i in (0, 3):
             x, _ = model.model.layers[i](x, cos, sin, None, None, i)
+        if moe:  # untied: the head is a tensor of its own, kept as it is
+            assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
         expected = model.lm_head(model.model.norm(x))
     assert torch.allclose(logits_of(load_model(tmp_path / "student")), expected, atol=1e-6)
 

@@ -88,8 +88,8 @@ def test_the_main_job_trains_saves_and_samples(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     rerun = run("demo", "--out", tmp_path / "demo", "--size", "test")
-    for stage in ("pretrain", "sft", "lora", "dpo", "student-init", "teacher-answers", "distill", "student", "grpo",
-                  "agent", "eval"):
+    for stage in ("pretrain", "pretrain-more", "sft", "lora", "dpo", "student-init", "teacher-answers", "distill",
+                  "student", "grpo", "agent", "eval"):
         assert f"[{stage}] already done, skipping" in rerun.stdout
     # The plain-SFT student took exactly as many steps as the distilled one.
     assert last_step(tmp_path / "demo" / "student") == last_step(tmp_path / "demo" / "distill")
@@ -123,7 +123,7 @@ def test_every_demo_size_plans_commands_that_parse(tmp_path, monkeypatch, size):
     monkeypatch.setattr(demo, "held_out_questions", lambda *a, **k: [])
     monkeypatch.setattr(demo, "write_replay_mix", lambda domain, general, out: out)
     monkeypatch.setattr(demo, "split_conversations",
-                        lambda conversations, folder, labeled, prompts: (folder / "labeled.jsonl", folder / "prompts.jsonl"))
+                        lambda conversations, folder, labeled, prompts, write: (folder / "labeled.jsonl", folder / "prompts.jsonl"))
     demo.run_demo(tmp_path / "demo", size=size)
     planned = [c[0] for c in commands]
     more_text = ["data", "pretrain"] if demo.SIZES[size]["more_text"] else []

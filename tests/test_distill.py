@@ -15,6 +15,7 @@ from conftest import random_model, tiny_config
 from nanomind.checkpoint import load_model, save_checkpoint
 from nanomind.cli import main
 from nanomind.data import read_records
+from nanomind import distill
 from nanomind.distill import (assistant_message, distillation_loss, distillation_stage, load_teacher,
                               write_teacher_answers)
 from nanomind.generation import SamplingParams, generate
@@ -251,7 +252,8 @@ def test_generate_writes_the_teachers_answers_as_sft_data(world, tmp_path):
     assert (tmp_path / "sft" / "model" / "model.safetensors").is_file()
 
 
-def test_with_thinking_the_reasoning_goes_to_reasoning_content(world, tmp_path):
+def test_with_thinking_the_reasoning_goes_to_reasoning_content(world, tmp_path, monkeypatch):
+    monkeypatch.setattr(distill, "SORT_WINDOW_BATCHES", 1)  # windows of one batch: 4 prompts, then 2
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(lines(world / "synth" / "eval_sft.jsonl")[:6]))
     model, tokenizer = load_model(world / "teacher" / "model"), Tokenizer.load(world / "tok")

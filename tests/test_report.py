@@ -13,6 +13,8 @@ def test_report_tables_and_targets_come_from_the_run_files(tmp_path):
         (tmp_path / stage).mkdir()
         (tmp_path / stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (tmp_path / stage / "DONE").write_text("12.5s\n")
+    (tmp_path / "teacher-answers").mkdir()  # a stage that trains nothing: its time only
+    (tmp_path / "teacher-answers" / "DONE").write_text("30.9s\n")
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "results.json").write_text(json.dumps({
         "sft": {"sft_loss": 1.0, "answer_format": 0.97, "preference_accuracy": 0.7},
@@ -22,6 +24,7 @@ def test_report_tables_and_targets_come_from_the_run_files(tmp_path):
 
     assert "| sft | 12.5s | 2 | 200 | 100 | 1.500 | 1.700 |" in report  # steps, tokens, mean tok/s, losses
     assert "| dpo | 12.5s | 1 | 40 | 10 | 0.690 | - |" in report
+    assert "| teacher-answers | 30.9s | - | - | - | - | - |" in report
     assert "| SFT answer-format accuracy | 97% | >= 95% | yes |" in report
     assert "| DPO held-out preference accuracy | 70% -> 78% | >= 80% | **no (shortfall)** |" in report
     # The distilled student (2.0) closes (2.5 - 2.0) / (2.5 - 1.0) = 33% of the plain student's gap.

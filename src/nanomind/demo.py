@@ -42,11 +42,11 @@ SIZES = {
                  seconds=dict(pretrain=4, pretrain_more=4, sft=6, lora=3, dpo=3, distill=3, student=6, grpo=4, agent=4), eval_limit=8),
     "tiny": dict(curriculum="small", more_text="medium", vocab=2048, preset="tiny", model=[],
                  student_layers="0,3", prompts=2400,
-                 seconds=dict(pretrain=225, pretrain_more=225, sft=200, lora=45, dpo=45, distill=60, student=60, grpo=90, agent=90), eval_limit=200),
+                 seconds=dict(pretrain=225, pretrain_more=225, sft=200, lora=45, dpo=45, distill=60, student=120, grpo=90, agent=90), eval_limit=200),
     # MiniMind2-small's 26M model on the larger curriculum: about an hour on a 2-core CPU; on a GPU the
     # same time budgets train many more steps.
     "small": dict(curriculum="medium", more_text=None, vocab=6400, preset="small", model=[],
-                  student_layers="0,1,6,7", prompts=8000,
+                  student_layers="0,1,6,7", prompts=2400,
                   seconds=dict(pretrain=1200, sft=600, lora=150, dpo=240, distill=300, student=600, grpo=420,
                                agent=420),
                   eval_limit=400),
@@ -124,7 +124,8 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
     # Distillation where it pays: the student has few answered conversations, and the teacher answers
     # many more prompts (black-box), whose next-token distributions the student then learns (white-box).
     # The student is the teacher with half its layers (depth pruning), so it starts knowing the world.
-    labeled, prompts = split_conversations(data / "sft.jsonl", out / "distill-data", DISTILL_LABELED, plan["prompts"])
+    labeled, prompts = split_conversations(data / "sft.jsonl", out / "distill-data", DISTILL_LABELED, plan["prompts"],
+                                           write=not (out / "student" / "DONE").exists())
     student_init = out / "student-init" / "model"
     stage(out, "student-init", ["convert", str(sft), "--out", str(student_init), "--keep-layers", plan["student_layers"]])
     answers = out / "teacher-answers" / "sft.jsonl"
@@ -170,9 +171,12 @@ def write_replay_mix(domain: Path, general: Path, out: Path) -> Path:
     return out
 
 
-def split_conversations(conversations: Path, folder: Path, labeled: int, prompts: int) -> tuple[Path, Path]:
+def split_conversations(conversations: Path, folder: Path, labeled: int, prompts: int,
+                        write: bool = True) -> tuple[Path, Path]:
     """The first `labeled` conversations (answers kept) and the next `prompts` ones (for the teacher to
-    answer), as two files in `folder`."""
+    answer), as two files in `folder` (left as they are with write=False: the stages using them are done)."""
+    if not write:
+        return folder / "labeled.jsonl", folder / "prompts.jsonl"
     with open(conversations, encoding="utf-8") as f:
         lines = [line for _, line in zip(range(labeled + prompts), f)]
     folder.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 
 STAGES = ["pretrain", "sft", "lora", "dpo", "distill", "student", "grpo", "agent"]  # evaluated
-TRAINING_STAGES = ["pretrain", "pretrain-more", *STAGES[1:]]  # timed and plotted (those that ran)
+TIMED_STAGES = ["pretrain", "pretrain-more", "sft", "lora", "dpo", "student-init", "teacher-answers", "distill",
+                   "student", "grpo", "agent"]  # in the Stages table (those that ran)
 ARITHMETIC = re.compile(r"\d+\s*[-+×x*/÷]\s*\d+")
 
 
@@ -72,6 +73,8 @@ def evaluate_stages(out: str | Path, limit: int = 200) -> dict:
     data, sft = out / "data", out / "sft" / "model"
     tokenizer = Tokenizer.load(sft)
     models = {name: out / name / "model" for name in STAGES if name != "lora"}
+    if (out / "pretrain-more" / "model").is_dir():  # SFT started from the second pretraining pass
+        models["pretrain"] = out / "pretrain-more" / "model"
 
     def model(name):
         if name == "lora":
@@ -202,12 +205,14 @@ def write_report(out: str | Path, samples: list[tuple[str, str]] = ()) -> Path:
              "`eval/results.json`.", "", "## Stages", "",
              "| stage | wall time | steps | tokens read | tokens/s | final loss | final val loss |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    for name in TRAINING_STAGES:
+    for name in TIMED_STAGES:
         rows = _metrics(out / name)
-        if not rows:
-            continue
         done = out / name / "DONE"
         wall = done.read_text().strip() if done.exists() else "-"
+        if not rows:  # a stage that trains nothing (convert, generate): its time only
+            if done.exists():
+                lines.append(f"| {name} | {wall} | - | - | - | - | - |")
+            continue
         tokens = sum(r.get("tokens", 0) for r in rows)
         speed = sum(r.get("tokens_per_s", 0) for r in rows) / len(rows)
         val = next((r["val_loss"] for r in reversed(rows) if "val_loss" in r), None)
