@@ -42,7 +42,7 @@ SIZES = {
                  seconds=dict(pretrain=4, pretrain_more=4, sft=6, lora=3, dpo=3, distill=3, student=6, grpo=4, agent=4), eval_limit=8),
     "tiny": dict(curriculum="small", more_text="medium", vocab=2048, preset="tiny", model=[],
                  student_layers="0,3", prompts=2400,
-                 seconds=dict(pretrain=225, pretrain_more=225, sft=200, lora=45, dpo=45, distill=60, student=120, grpo=150, agent=90), eval_limit=200),
+                 seconds=dict(pretrain=225, pretrain_more=225, sft=200, lora=30, dpo=30, distill=60, student=120, grpo=150, agent=120), eval_limit=200),
     # MiniMind2-small's 26M model on the larger curriculum: about an hour on a 2-core CPU; on a GPU the
     # same time budgets train many more steps.
     "small": dict(curriculum="medium", more_text=None, vocab=6400, preset="small", model=[],
