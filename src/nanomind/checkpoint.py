@@ -323,14 +323,15 @@ def keep_layers(model: NanoMind, layers: list[int]) -> NanoMind:
         raise CheckpointError(f"--keep-layers {','.join(map(str, layers))} names a layer twice")
     pruned = NanoMind(replace(model.config, num_hidden_layers=len(layers)), verbose=False)
     pruned.to(next(model.parameters()).dtype)
+    new_index = {old: new for new, old in enumerate(layers)}
     tensors = {}
     for name, tensor in model.state_dict().items():
         if not name.startswith("model.layers."):
             tensors[name] = tensor
             continue
         layer, rest = name.removeprefix("model.layers.").split(".", 1)
-        if int(layer) in layers:
-            tensors[f"model.layers.{layers.index(int(layer))}.{rest}"] = tensor
+        if int(layer) in new_index:
+            tensors[f"model.layers.{new_index[int(layer)]}.{rest}"] = tensor
     load_state_dict_strict(pruned, tensors, "the kept layers")
     return pruned
 
