@@ -9,7 +9,7 @@ import pytest
 
 from nanomind.builtin_text import builtin_conversations, write_builtin_jsonl
 from nanomind.data import BadLines, DataError, read_records
-from nanomind.prepare import PrepareOptions, TokenStore, assistant_loss_mask, open_rows, prepare
+from nanomind.prepare import EMPTY_THINK, PrepareOptions, TokenStore, assistant_loss_mask, open_rows, prepare
 from nanomind.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -76,13 +76,17 @@ def test_sft_mask_covers_exactly_the_assistant_turns(workdir):
     text = tokenizer.apply_chat_template(messages, tools=messages[0]["tools"])
     ids = tokenizer.encode(text)
     header = tokenizer.encode("assistant") + tokenizer.encode("\n")
-    mask = assistant_loss_mask(ids, tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>"), header)
+    mask = assistant_loss_mask(ids, tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>"), header,
+                               tokenizer.encode(EMPTY_THINK))
     trained = tokenizer.decode([t for t, m in zip(ids, mask) if m])
-    # Independently: the text after each "<|im_start|>assistant\n" through its "<|im_end|>".
-    expected = "".join(turn.split("<|im_end|>")[0] + "<|im_end|>"
-                       for turn in text.split("<|im_start|>assistant\n")[1:])
+    # Independently: the text after each "<|im_start|>assistant\n" through its "<|im_end|>", less the empty
+    # think block that opens the turn without reasoning (the thinking-off prompt supplies it at inference).
+    turns = [turn.split("<|im_end|>")[0] + "<|im_end|>" for turn in text.split("<|im_start|>assistant\n")[1:]]
+    assert turns[1].startswith(EMPTY_THINK) and not turns[0].startswith(EMPTY_THINK)
+    expected = "".join(turn.removeprefix(EMPTY_THINK) for turn in turns)
     assert trained == expected
     assert "I should add." in trained and '"name": "add"' in trained and "5.<|im_end|>" in trained
+    assert trained.count("<think>") == 1  # only the turn that reasons has its think block trained
     assert "What is 2 plus 3?" not in trained and "<tool_response>" not in trained and "Use tools." not in trained
 
 
@@ -158,7 +162,7 @@ def test_dpo_and_rl_kinds_prepare_their_own_layouts(tmp_path, workdir):
     assert len(chosen.offsets) == len(rejected.offsets) == 4
     tokenizer = Tokenizer.load(workdir / "tok")
     first = slice(chosen.offsets[0], chosen.offsets[1])
-    assert tokenizer.decode(np.asarray(chosen.tokens[first])[np.asarray(chosen.mask[first]) == 1]).startswith("<think>")
+    assert tokenizer.decode(np.asarray(chosen.tokens[first])[np.asarray(chosen.mask[first]) == 1]) == "4<|im_end|>"
     assert tokenizer.decode(np.asarray(rejected.tokens[first])[np.asarray(rejected.mask[first]) == 1]).endswith(
         "5<|im_end|>")
 

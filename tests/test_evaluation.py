@@ -207,6 +207,26 @@ def test_math_accuracy_with_answers_the_model_is_scripted_to_give(tokenizer):
     assert result["accuracy"] == 3 / 4 and [c["answer"] for c in result["details"]][:3] == ["4", "41", "1,000"]
 
 
+def test_answer_accuracy_reads_records_as_an_rl_file_holds_them(tokenizer):
+    """Straight from a file, an RL record ends with MiniMind's empty assistant placeholder: the prompt is
+    the conversation before it (the placeholder rendered as a turn would show the model an empty answer)."""
+    prompts = []
+
+    def script(text):
+        prompts.append(text)
+        return "4"
+
+    model = ScriptedModel(tokenizer, script)
+    question = [{"role": "user", "content": "What is 2 + 2?"}]
+    raw = [("rl.jsonl:1", {"conversations": question + [{"role": "assistant", "content": ""}], "gt": "4"})]
+    assert answer_accuracy(model, tokenizer, raw, "math", SamplingParams(max_new_tokens=4))["accuracy"] == 1
+    expected = tokenizer.apply_chat_template(question, add_generation_prompt=True)
+    assert prompts[0] == tokenizer.decode(tokenizer.encode(expected))
+    with pytest.raises(DataError, match=r"rl.jsonl:2: no prompt"):
+        answer_accuracy(model, tokenizer, [("rl.jsonl:2", {"conversations": [{"role": "assistant", "content": ""}],
+                                                         "gt": "4"})], "math")
+
+
 def agent_records(questions, gts):
     return [(f"agent.jsonl:{i + 1}", {"conversations": [{"role": "user", "content": q}], "gt": gt})
             for i, (q, gt) in enumerate(zip(questions, gts))]

@@ -129,8 +129,10 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
     student_init = out / "student-init" / "model"
     stage(out, "student-init", ["convert", str(sft), "--out", str(student_init), "--keep-layers", plan["student_layers"]])
     answers = out / "teacher-answers" / "sft.jsonl"
+    # Answers without reasoning (no --think) are quicker to write, and the demo has no minute to spare; the
+    # student sees reasoning in its own 200 conversations.
     stage(out, "teacher-answers", ["generate", "--model", str(sft), "--data", str(prompts), "--out", str(answers),
-                                   "--think", "--batch-size", "64", "--max-new-tokens", "160", "--device", device])
+                                   "--batch-size", "64", "--max-new-tokens", "160", "--device", device])
     stage(out, "distill", training("distill", "distill", "--data", str(labeled), str(answers), "--teacher", str(sft),
                                    "--init-from", str(student_init), *chat_flags, "--lr", "1e-3",
                                    "--alpha", "0.5", "--temperature", "1.0"))

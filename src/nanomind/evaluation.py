@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from .agent import Trajectory, run_agents
-from .data import BadLines, BadRecord, DataError, conversation_tools, read_records
+from .data import BadLines, BadRecord, DataError, check_record, conversation_tools, read_records
 from .generation import SamplingParams, generate
 from .prepare import PrepareOptions, load_manifest, open_rows, prepare
 from .rewards import answer_text, exact_reward, extract_final_answer, math_reward, numbers_equal
@@ -355,6 +355,10 @@ def answer_accuracy(model, tokenizer, records: Sequence[tuple[str, dict]], rewar
     limit = model.config.max_position_embeddings
     cases, prompts = [], []
     for where, record in records:
+        try:  # as read from an RL file: validated, its placeholder for the reply dropped
+            record = check_record(record, "rl")
+        except BadRecord as error:
+            raise DataError(f"{where}: {error}") from None
         if record.get("gt") is None:
             raise DataError(f"{where}: no 'gt' to check the answer against")
         messages = record["conversations"]

@@ -36,7 +36,7 @@ import numpy as np
 from .data import BadLines, DataError, conversation_tools, read_records
 from .tokenizer import Tokenizer
 
-PREPARE_VERSION = 1
+PREPARE_VERSION = 2  # 2: an assistant turn's empty think block is context, not a target
 SPLITS = ("train", "val")
 
 # MiniMind's augmentation: a random system prompt on some SFT samples, so the model does not
@@ -67,15 +67,24 @@ class PrepareOptions:
 # Rendering and masking one conversation
 
 
-def assistant_loss_mask(ids: list[int], im_start: int, im_end: int, assistant_header: list[int]) -> list[int]:
+def assistant_loss_mask(ids: list[int], im_start: int, im_end: int, assistant_header: list[int],
+                        empty_think: list[int] | None = None) -> list[int]:
     """1 for every token of an assistant turn (after `<|im_start|>assistant\\n`, up to and including
-    `<|im_end|>`), else 0. One left-to-right pass: the header is only compared at `<|im_start|>`."""
+    `<|im_end|>`), else 0. One left-to-right pass: the header is only compared at `<|im_start|>`.
+
+    A turn that opens with the `empty_think` tokens (`<think>\\n\\n</think>\\n\\n`) is trained from its
+    first token after them. That block is how the chat template switches thinking off, and with thinking
+    off the generation prompt already ends with it; trained as a target, it would teach the model to
+    close every block the prompt opens, so that with thinking on it would never reason.
+    """
     mask = [0] * len(ids)
     header_length = len(assistant_header)
     i, n = 0, len(ids)
     while i < n:
         if ids[i] == im_start and ids[i + 1:i + 1 + header_length] == assistant_header:
             i += 1 + header_length
+            if empty_think and ids[i:i + len(empty_think)] == empty_think:
+                i += len(empty_think)
             while i < n:
                 mask[i] = 1
                 if ids[i] == im_end:
@@ -93,6 +102,7 @@ class ConversationEncoder:
         self.im_start = tokenizer.token_to_id("<|im_start|>")
         self.im_end = tokenizer.token_to_id("<|im_end|>")
         self.assistant_header = tokenizer.encode("assistant") + tokenizer.encode("\n")
+        self.empty_think = tokenizer.encode(EMPTY_THINK)
 
     def render(self, messages: list[dict], rng: random.Random | None = None) -> str:
         tools = conversation_tools(messages)
@@ -104,7 +114,7 @@ class ConversationEncoder:
         return text
 
     def mask(self, ids: list[int]) -> list[int]:
-        return assistant_loss_mask(ids, self.im_start, self.im_end, self.assistant_header)
+        return assistant_loss_mask(ids, self.im_start, self.im_end, self.assistant_header, self.empty_think)
 
     def encode(self, messages: list[dict], rng: random.Random | None = None) -> tuple[list[int], list[int]]:
         ids = self.tokenizer.encode(self.render(messages, rng))
