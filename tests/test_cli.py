@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -73,6 +74,12 @@ def test_the_main_job_trains_saves_and_samples(tmp_path):
     student_init = tmp_path / "demo" / "student-init" / "model"
     assert json.loads((student_init / "config.json").read_text())["num_hidden_layers"] == 1
     assert f"--data {split / 'labeled.jsonl'} {tmp_path / 'demo' / 'teacher-answers' / 'sft.jsonl'}" in result.stdout
+    # GRPO: the RL prompts that ask for a sum, all of them and nothing else
+    rl = [json.loads(line) for line in (tmp_path / "demo" / "data" / "rl.jsonl").open(encoding="utf-8")]
+    sums = [r for r in rl if re.search(r"\d+ [-+×] \d+", r["conversations"][0]["content"])]
+    grpo_data = (tmp_path / "demo" / "grpo" / "arithmetic.jsonl").read_text(encoding="utf-8").splitlines()
+    assert 0 < len(grpo_data) < len(rl) and [json.loads(line) for line in grpo_data] == sums
+    assert f"--data {tmp_path / 'demo' / 'grpo' / 'arithmetic.jsonl'}" in result.stdout
     report = (tmp_path / "demo" / "report.md").read_text()
     for section in ("## Stages", "## Curves", "## Held-out evaluations", "## Targets", "## Sample conversations"):
         assert section in report
@@ -122,6 +129,7 @@ def test_every_demo_size_plans_commands_that_parse(tmp_path, monkeypatch, size):
     monkeypatch.setattr(demo, "chat_samples", lambda *a, **k: [])
     monkeypatch.setattr(demo, "held_out_questions", lambda *a, **k: [])
     monkeypatch.setattr(demo, "write_replay_mix", lambda domain, general, out: out)
+    monkeypatch.setattr(demo, "write_arithmetic_prompts", lambda prompts, out: out)
     monkeypatch.setattr(demo, "split_conversations",
                         lambda conversations, folder, labeled, prompts, write: (folder / "labeled.jsonl", folder / "prompts.jsonl"))
     demo.run_demo(tmp_path / "demo", size=size)

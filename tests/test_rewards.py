@@ -121,10 +121,14 @@ def test_tool_call_reward():
     assert tool_call_reward("", call() + "\n" + call(expression="921 + 200"), agent) == 1.0
     assert tool_call_reward("", call(), agent) == 0.5  # one of two calls
     assert tool_call_reward("", "The answer is 796.", agent) == 0.0  # no calls at all
-    assert tool_call_reward("", call() + call(name="search"), agent) == 0.0  # 1 valid, 1 unknown tool
-    assert tool_call_reward("", call() + call(expression=5), agent) == 0.0  # mistyped argument
-    assert tool_call_reward("", call() + "<tool_call>\n{oops", agent) == 0.0  # unclosed tag
-    assert tool_call_reward("", "<tool_call>{bad</tool_call></tool_call><tool_call>", agent) == -1.0  # clipped
+    # A botched second call scores as no second call: trying is never worse than not calling.
+    assert tool_call_reward("", call() + call(name="search"), agent) == 0.5  # 1 valid, 1 unknown tool
+    assert tool_call_reward("", call() + call(expression=5), agent) == 0.5  # mistyped argument
+    assert tool_call_reward("", call() + "<tool_call>\n{oops", agent) == 0.5  # unclosed tag
+    assert tool_call_reward("", call(name="search") + call(name="search"), agent) == 0.0  # as no calls at all
+    assert tool_call_reward("", call() + call(expression="1+1") + call(), agent) == 0.5  # one call too many
+    assert tool_call_reward("", call() + call(name="search") * 3, agent) == -0.5  # more invalid than due
+    assert tool_call_reward("", call(name="search") * 5, agent) == -1.0  # clipped
     plain = {"conversations": [{"role": "user", "content": "Hi"}]}
     assert tool_call_reward("", "Hello!", plain) == 1.0
     assert tool_call_reward("", call(), plain) == 0.0  # no tools on offer

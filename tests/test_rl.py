@@ -515,8 +515,8 @@ def test_agent_rewards_judge_the_final_answer_and_every_turns_calls(agent_data, 
         "What is 256 * 37?": [1.5, 1.5],  # the right call and the right answer
         "Two": [1.5, 1.5],  # two calls in two turns (an answer-only text would show none), both values
         "Wrong": [0.5, 0.5],  # the right call, a wrong answer
-        "Malformed": [-0.5, -0.5],  # an invalid call: -1 for the calls (1 - (1 invalid + 1 missing) / 1)
-        "Unclosed": [-0.25, -0.25],  # 1 - (1 invalid + 2 missing) / 2 = -0.5
+        "Malformed": [0.0, 0.0],  # an invalid call scores as none: 1 - max(1 missing, 1 invalid) / 1 = 0
+        "Unclosed": [0.0, 0.0],  # 1 - max(2 missing, 1 invalid) / 2 = 0
         "Loop": [-0.5, -0.5],  # three calls for one value, and no answer
     }
     for group in by_question.values():
@@ -526,7 +526,8 @@ def test_agent_rewards_judge_the_final_answer_and_every_turns_calls(agent_data, 
             # them, as run_agents ran them (tool results, which can quote tool-call tags, are left out).
             assert answer_text(text) == t.answer and "<tool_response>" not in text
             expected = len(record["gt"])
-            want = max(-1.0, 1 - (t.invalid_calls + abs(t.valid_calls - expected)) / expected)
+            errors = max(expected - t.valid_calls, t.invalid_calls, 0) + max(t.valid_calls - expected, 0)
+            want = max(-1.0, 1 - errors / expected)
             assert tool_call_reward(group.prompt, text, record) == want
             assert math_reward(group.prompt, text, record) == math_reward("", t.answer, record)
     assert "<tool_call>" in by_question["Unclosed"].trajectories[0].tool_results[0]  # why they are left out

@@ -14,7 +14,7 @@
                 --data`) and `nanomind distill` teaches the student on both     -> DIR/distill/model
      student    `nanomind sft`: the same student by plain SFT on its 200, as   -> DIR/student/model
                 many steps (the yardstick: how much of the gap to the teacher distillation closes)
-  8. grpo       `nanomind rl --algo grpo` on checkable questions, from DPO      -> DIR/grpo/model
+  8. grpo       `nanomind rl --algo grpo` on the RL prompts that are sums, from DPO -> DIR/grpo/model
   9. agent      `nanomind rl --agent`: multi-turn tool use (calculator, units)  -> DIR/agent/model
  10. eval       every stage's model on the held-out files                       -> DIR/eval/results.json
  11. report     curves, timings, evaluations against targets, sample chats      -> DIR/report.md
@@ -30,7 +30,7 @@ import shlex
 import time
 from pathlib import Path
 
-from .report import evaluate_stages, held_out_questions, write_report
+from .report import is_arithmetic, evaluate_stages, held_out_questions, write_report
 
 SIZES = {
     # curriculum, the larger one whose pretraining text is read too (the same world, fresh sentences),
@@ -117,7 +117,7 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
     if not (out / "lora" / "DONE").exists():
         write_replay_mix(data / "lora_domain.jsonl", data / "sft.jsonl", lora_data)
     stage(out, "lora", training("lora", "lora", "--data", str(lora_data), "--init-from", str(sft),
-                                *chat_flags, "--lr", "1e-3", "--rank", "8", "--alpha", "16"))
+                                *chat_flags, "--lr", "5e-4", "--rank", "8", "--alpha", "16"))
     stage(out, "dpo", training("dpo", "dpo", "--data", str(data / "dpo.jsonl"), "--init-from", str(sft),
                                "--seq-len", "256", "--batch-size", "8", "--warmup-steps", "10", "--lr", "1e-4",
                                "--beta", "0.1", "--rpo-alpha", "1.0", "--precompute-ref"))
@@ -140,7 +140,10 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
     # has, for as many steps as the distilled one took.
     stage(out, "student", training("sft", "student", "--data", str(labeled), "--init-from", str(student_init),
                                    *chat_flags, "--lr", "1e-3", "--max-steps", str(last_step(out / "distill"))))
-    stage(out, "grpo", training("rl", "grpo", "--algo", "grpo", "--data", str(data / "rl.jsonl"),
+    arithmetic = out / "grpo" / "arithmetic.jsonl"
+    if not (out / "grpo" / "DONE").exists():
+        write_arithmetic_prompts(data / "rl.jsonl", arithmetic)
+    stage(out, "grpo", training("rl", "grpo", "--algo", "grpo", "--data", str(arithmetic),
                                 "--init-from", str(out / "dpo" / "model"), "--reward", "math", "--num-generations", "8",
                                 "--batch-size", "4", "--max-new-tokens", "48", "--temperature", "1.0", "--lr", "2e-5",
                                 "--warmup-steps", "5"))
@@ -170,6 +173,16 @@ def write_replay_mix(domain: Path, general: Path, out: Path) -> Path:
         replay = [line.rstrip("\n") for _, line in zip(domain_lines, f)]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(line + "\n" for line in domain_lines + replay), encoding="utf-8")
+    return out
+
+
+def write_arithmetic_prompts(prompts: Path, out: Path) -> Path:
+    """The RL prompts that are sums (the rest ask for facts): GRPO's steps all go to the skill it is
+    measured on."""
+    with open(prompts, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip() and is_arithmetic(json.loads(line))]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(lines), encoding="utf-8")
     return out
 
 

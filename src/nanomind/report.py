@@ -43,7 +43,7 @@ def _records(path: Path, limit: int, keep=lambda record: True) -> list[tuple[str
     return out
 
 
-def _is_arithmetic(record: dict) -> bool:
+def is_arithmetic(record: dict) -> bool:
     return bool(ARITHMETIC.search(next(m["content"] for m in record["conversations"] if m["role"] == "user")))
 
 
@@ -86,7 +86,7 @@ def evaluate_stages(out: str | Path, limit: int = 200) -> dict:
 
     greedy = SamplingParams(max_new_tokens=64, temperature=0)
     questions = held_out_questions(data / "eval_sft.jsonl", limit)
-    arithmetic = _records(data / "eval_rl.jsonl", limit, _is_arithmetic)
+    arithmetic = _records(data / "eval_rl.jsonl", limit, is_arithmetic)
     agent_cases = _records(data / "eval_agent_rl.jsonl", min(limit, 40))
     results: dict[str, dict] = {}
     for name in STAGES:

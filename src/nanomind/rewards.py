@@ -272,9 +272,12 @@ def tool_call_reward(prompt: str, completion: str, sample: dict) -> float:
     A call is invalid when its JSON is malformed, it names no tool or one not offered, its arguments do
     not fit the tool's schema, or its tags are unbalanced. With the offered tools known (the record or
     the prompt lists them) and a list gt (an agent record: one item per expected call) the expected
-    number of calls is len(gt); a conversation without tools expects none. The reward is
-    1 - (invalid + |valid - expected|) / max(1, expected), clipped at -1; with no expected count, only the
-    invalid calls count, relative to all calls. No calls where none are expected -> 1.0.
+    number of calls is len(gt); a conversation without tools expects none. The errors are the expected
+    calls not made validly or the invalid calls, whichever are more, plus the valid calls beyond those
+    expected; the reward is 1 - errors / max(1, expected), clipped at -1. An invalid call where a call was
+    due thus scores as no call, never below: a penalty for trying would teach a policy that
+    still fumbles the format to stop calling tools (agent RL did, on a weak start). With no expected count,
+    only the invalid calls count, relative to all calls. No calls where none are expected -> 1.0.
     """
     offered = _offered_tools(prompt, sample)
     calls = extract_tool_calls(completion, offered)
@@ -285,7 +288,10 @@ def tool_call_reward(prompt: str, completion: str, sample: dict) -> float:
         expected = 0
     elif offered and isinstance(sample, dict) and isinstance(sample.get("gt"), (list, tuple)):
         expected = len(sample["gt"])
-    errors = invalid + (abs(valid - expected) if expected is not None else 0)
+    if expected is None:
+        errors = invalid
+    else:
+        errors = max(expected - valid, invalid, 0) + max(valid - expected, 0)
     scale = max(1, expected if expected is not None else len(calls))
     return max(-1.0, 1.0 - errors / scale)
 
