@@ -30,7 +30,7 @@ import shlex
 import time
 from pathlib import Path
 
-from .report import is_arithmetic, evaluate_stages, held_out_questions, write_report
+from .report import evaluate_stages, held_out_questions, is_arithmetic, write_report
 
 SIZES = {
     # curriculum, the larger one whose pretraining text is read too (the same world, fresh sentences),
