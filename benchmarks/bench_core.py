@@ -550,8 +550,10 @@ itself (loss over T-1 positions): the same work to within one row of the cross-e
 
 Decode: greedy, batch 1, time for all new tokens including the prompt's prefill; nanomind's model
 is loaded as `nanomind generate` loads it (q/k/v and gate/up projections fused, see
-`NanoMind.fuse_projections`); transformers uses `generate(do_sample=False, min_new_tokens=N)` with
-its default dynamic cache.
+`NanoMind.fuse_projections`), and its large projections multiply through oneDNN rather than MKL
+outside autograd (`nanomind.model.linear`: on the AVX2 EPYC, MKL's few-row fp32 path read the weights
+about 1.5x slower); transformers uses `generate(do_sample=False, min_new_tokens=N)` with its default
+dynamic cache, and F.linear (MKL).
 
 ### Details
 

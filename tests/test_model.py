@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from conftest import random_model, tiny_config
 from nanomind.checkpoint import save_checkpoint
-from nanomind.model import KVCache, NanoMind, PRESETS, apply_rotary, head_cross_entropy, preset_config
+from nanomind.model import (ONEDNN_LINEAR, KVCache, NanoMind, PRESETS, apply_rotary, head_cross_entropy, linear,
+                            preset_config)
 
 transformers = pytest.importorskip("transformers")
 
@@ -120,6 +121,47 @@ def test_fused_projections_keep_the_function_the_names_and_the_memory(moe):
     attention = fused.model.layers[0].self_attn
     assert attention.q_proj.weight.data_ptr() == attention.qkv_weight.data_ptr()
     assert attention.v_proj.weight.untyped_storage().data_ptr() == attention.qkv_weight.untyped_storage().data_ptr()
+
+
+def kernels_run(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.key for event in prof.key_averages()}
+
+
+@pytest.mark.skipif(not ONEDNN_LINEAR, reason="this torch build has no oneDNN")
+def test_linear_takes_onednn_for_large_weights_at_inference_and_gives_f_linear_results():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(1024, 512, generator=g) / 512 ** 0.5
+    hidden = torch.randn(3, 7, 512, generator=g)
+    inputs = {"rows": hidden[0], "3-d": hidden, "strided (last position)": hidden[:, -1:]}
+    for name, x in inputs.items():
+        with torch.inference_mode():
+            assert "mkldnn::_linear_pointwise" in kernels_run(lambda: linear(x, weight)), name
+            torch.testing.assert_close(linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    # Where a backward is needed, or the weight is small, it is F.linear (MKL) with its gradient.
+    x = hidden.clone().requires_grad_()
+    assert "mkldnn::_linear_pointwise" not in kernels_run(lambda: linear(x, weight))
+    linear(x, weight).sum().backward()
+    torch.testing.assert_close(x.grad, weight.sum(0).expand_as(x))
+    with torch.inference_mode():
+        assert "mkldnn::_linear_pointwise" not in kernels_run(lambda: linear(hidden, weight[:64]))
+
+
+@pytest.mark.skipif(not ONEDNN_LINEAR, reason="this torch build has no oneDNN")
+def test_decoding_through_onednn_equals_the_full_forward():
+    # Wide enough that every projection and the head take oneDNN while decoding.
+    model = random_model(tiny_config(hidden_size=512, intermediate_size=1024, vocab_size=1024,
+                                     num_attention_heads=4, num_key_value_heads=4, head_dim=128)).fuse_projections()
+    ids = torch.randint(3, 1024, (2, 16), generator=torch.Generator().manual_seed(2))
+    full = model(ids).logits.detach()  # autograd on: MKL throughout
+    with torch.inference_mode():
+        cache = KVCache(model.config, 2, 16, "cpu", torch.float32)
+        pieces = [model(ids[:, :10], cache=cache).logits]
+        step = lambda t: model(ids[:, t:t + 1], cache=cache).logits
+        assert "mkldnn::_linear_pointwise" in kernels_run(lambda: pieces.append(step(10)))
+        pieces += [step(t) for t in range(11, 16)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-4)
 
 
 def test_last_logits_only_is_the_last_row_of_the_full_forward(dense_model):

@@ -1,7 +1,7 @@
 """The nanomind model: a decoder-only transformer, architecture-identical to Qwen3 / Qwen3-MoE.
 
-Read top to bottom: config and presets, RMSNorm, rotary embeddings (with optional YaRN), the KV
-cache, attention, the SwiGLU MLP, the mixture-of-experts layer, the block, the model.
+Read top to bottom: config and presets, the linear layer, RMSNorm, rotary embeddings (with optional
+YaRN), the KV cache, attention, the SwiGLU MLP, the mixture-of-experts layer, the block, the model.
 
 Parameter names match Hugging Face's Qwen3 one to one (`model.layers.0.self_attn.q_proj.weight`,
 `model.layers.0.mlp.experts.3.down_proj.weight`, ...), so a checkpoint is a state dict away from
@@ -102,6 +102,38 @@ def preset_config(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return replace(ModelConfig(**PRESETS[name]), **{k: v for k, v in overrides.items() if v is not None})
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear layers
+
+
+ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T, as F.linear; outside autograd, a large fp32 weight on the CPU with few rows of x
+    goes through oneDNN (the kernel torch.compile's CPU inference uses) instead of MKL.
+
+    Batch-1 decoding is little more than one matrix-vector product per weight. On a 2-core AVX2 AMD
+    EPYC, MKL's fp32 path for few rows read the weights at 6.5 GB/s and oneDNN at 9-10 GB/s, which
+    made the `base` model decode about 1.5x faster (benchmarks/RESULTS.md). For small weights, for
+    many rows and for anything with a backward MKL was as fast or faster, so those keep F.linear.
+    """
+    if (ONEDNN_LINEAR and not torch.is_grad_enabled() and x.dtype == weight.dtype == torch.float32
+            and x.device.type == "cpu" and weight.numel() >= 1 << 18 and x.numel() <= 1024 * x.shape[-1]):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return F.linear(x, weight)
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias (as every Qwen3 projection), multiplying through `linear`."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,10 +262,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, config.head_dim)
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim)
+        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim)
+        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size)
         # Qwen3's per-head norms keep q.k logits bounded, which stabilises training without biases.
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -247,7 +279,7 @@ class Attention(nn.Module):
         H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv_weight is not None:
             # Decoding pays per operation, not per number: q and k are normed and rotated as one tensor.
-            qk, v = F.linear(x, self.qkv_weight).split([(H + K) * D, K * D], dim=-1)
+            qk, v = linear(x, self.qkv_weight).split([(H + K) * D, K * D], dim=-1)
             qk = qk.view(B, T, H + K, D)
             qk = F.rms_norm(qk.float(), (D,), eps=self.q_norm.eps).to(qk.dtype) * self.qk_norm_weight
             q, k = apply_rotary(qk.transpose(1, 2), cos, sin).split([H, K], dim=1)
@@ -272,15 +304,15 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size)
+        self.up_proj = Linear(hidden_size, intermediate_size)
+        self.down_proj = Linear(intermediate_size, hidden_size)
         # Inference only (NanoMind.fuse_projections): the gate and up weights as row blocks of one matrix.
         self.gate_up_weight: torch.Tensor | None = None
 
     def forward(self, x):
         if self.gate_up_weight is not None:
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
@@ -299,7 +331,7 @@ class MoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.gate = Linear(config.hidden_size, config.num_experts)
         self.experts = nn.ModuleList(
             MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts))
 
@@ -444,7 +476,7 @@ class NanoMind(nn.Module):
         self.config = config
         self.model = Backbone(config)
         self.rotary = RotaryEmbedding(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.apply(self._init_weights)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -478,14 +510,14 @@ class NanoMind(nn.Module):
         model has its weights, device and dtype (loading weights afterwards would not reach that copy),
         and not on a model in training; projections wrapped by LoRA adapters stay separate.
         """
-        def fuse(linears: list[nn.Module]) -> torch.Tensor | None:
-            if any(type(linear) is not nn.Linear for linear in linears):
+        def fuse(layers: list[nn.Module]) -> torch.Tensor | None:
+            if any(type(layer) is not Linear for layer in layers):
                 return None
-            fused = torch.cat([linear.weight for linear in linears])
+            fused = torch.cat([layer.weight for layer in layers])
             start = 0
-            for linear in linears:
-                rows = linear.weight.shape[0]
-                linear.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
+            for layer in layers:
+                rows = layer.weight.shape[0]
+                layer.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
                 start += rows
             return fused
 
