@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -148,6 +149,45 @@ def test_every_demo_size_plans_commands_that_parse(tmp_path, monkeypatch, size):
     assert student[student.index("--data") + 1] == labeled and student[student.index("--data") + 2].startswith("--")
     init = str(tmp_path / "demo" / "student-init" / "model")
     assert distill[distill.index("--init-from") + 1] == init == student[student.index("--init-from") + 1]
+
+
+@pytest.mark.parametrize("teacher_seconds", [60, 300], ids=["as-reserved", "slower-than-reserved"])
+def test_tiny_demo_shrinks_its_stages_to_end_by_its_deadline(tmp_path, monkeypatch, teacher_seconds):
+    plan, clock, budgets = demo.SIZES["tiny"], [0.0], []
+
+    def run_for_a_while(argv):  # each command takes its time budget and its start-up, or a fixed time
+        if "--time-budget" in argv:
+            budgets.append(int(argv[argv.index("--time-budget") + 1]))
+            clock[0] += budgets[-1] + plan["reserve"]["per_stage"]
+        else:
+            clock[0] += teacher_seconds if argv[0] == "generate" else 2
+
+    def evaluate(*args, **kwargs):
+        clock[0] += plan["reserve"]["eval_and_report"]
+
+    monkeypatch.setattr(demo, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(demo, "run_command", run_for_a_while)
+    monkeypatch.setattr(demo, "evaluate_stages", evaluate)
+    for name, value in [("last_step", lambda folder: 7), ("write_report", lambda *a, **k: tmp_path / "report.md"),
+                        ("chat_samples", lambda *a, **k: []), ("held_out_questions", lambda *a, **k: []),
+                        ("write_replay_mix", lambda domain, general, out: out),
+                        ("write_arithmetic_prompts", lambda prompts, out: out),
+                        ("split_conversations", lambda *a, **k: (tmp_path / "l.jsonl", tmp_path / "p.jsonl"))]:
+        monkeypatch.setattr(demo, name, value)
+    demo.run_demo(tmp_path / "demo", size="tiny")
+    assert len(budgets) == len(plan["seconds"])
+    assert clock[0] <= plan["deadline"] + 10  # one second of rounding a stage at most
+    assert all(0 < b <= planned for b, planned in zip(budgets, plan["seconds"].values()))
+    if teacher_seconds > plan["reserve"]["teacher_answers"]:  # the stages after the teacher gave up time
+        assert budgets[-1] < plan["seconds"]["agent"]
+
+
+def test_scaled_budget_shares_the_time_left_in_proportion_to_the_plan():
+    seconds = {"pretrain": 200, "sft": 100, "grpo": 100}
+    assert demo.scaled_budget(seconds, "pretrain", 800) == 200  # time to spare: as planned, never more
+    assert demo.scaled_budget(seconds, "pretrain", 200) == 100  # half the time: half of each
+    assert demo.scaled_budget(seconds, "sft", 100) == 50  # sft and grpo share what is left
+    assert demo.scaled_budget(seconds, "grpo", -30) == 1  # past the deadline: a token second
 
 
 def test_tokenizer_train_and_bad_input_errors(tmp_path):

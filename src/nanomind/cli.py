@@ -1,6 +1,6 @@
 """The `nanomind` command. Each subcommand's --help is its documentation.
 
-  nanomind demo                     train a tokenizer and a tiny model on built-in text, then sample
+  nanomind demo                     the whole pipeline on built-in data, tokenizer to agent RL, and a report
   nanomind tokenizer train ...      train a byte-level BPE tokenizer with MiniMind's special tokens
   nanomind generate ...             continue a prompt (or chat turn) with a checkpoint
   nanomind convert SRC --out DIR    import a Hugging Face Qwen3 / Qwen3-MoE folder or a MiniMind .pth
@@ -350,13 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = command("demo", cmd_demo, "the whole pipeline on built-in data: data, tokenizer, pretrain, SFT, chat",
+    p = command("demo", cmd_demo, "the whole pipeline on built-in data: tokenizer, pretraining, SFT, LoRA, DPO, "
+                "distillation, GRPO, agent RL, evaluation, report card",
                 "The main job: offline, on CPU, in minutes. Runs each stage with the same command a user "
                 "would type (printed), into its own folder under --out; a rerun skips finished stages.")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
     p.add_argument("--size", choices=["test", "tiny", "small"], default="tiny",
-                   help="test: about a minute, for the test suite; tiny: about 12 minutes on a 2-core CPU; small: "
-                        "the 26M model on the medium curriculum, about an hour on that CPU (stages are time-boxed)")
+                   help="test: about a minute, for the test suite; tiny: the default, done within 19.5 minutes (on a "
+                        "slower machine every stage's time budget shrinks by the same share); small: the 26M model on "
+                        "the medium curriculum, about an hour on a 2-core CPU (stages are time-boxed)")
     p.add_argument("--seed", type=int, default=0, help="random seed for data and initialisation")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 

@@ -35,21 +35,27 @@ from .report import evaluate_stages, held_out_questions, is_arithmetic, write_re
 SIZES = {
     # curriculum, the larger one whose pretraining text is read too (the same world, fresh sentences),
     # tokenizer vocabulary, model preset and flags, the teacher's layers the student keeps, how many
-    # prompts the teacher answers for it, seconds per training stage, held-out items per evaluation
+    # prompts the teacher answers for it, seconds per training stage, held-out items per evaluation,
+    # and where set, the whole run's deadline in seconds with what it keeps for the work that has no
+    # time budget (the teacher's answers, evaluation and the report, each stage's start and saves; as
+    # measured on the slowest 2-core machine so far). The stages share what the deadline leaves in
+    # proportion to their seconds (scaled_budget).
     "test": dict(curriculum="tiny", more_text="small", vocab=600, preset="tiny",
                  model=["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
                  student_layers="0", prompts=40,
-                 seconds=dict(pretrain=4, pretrain_more=4, sft=6, lora=3, dpo=3, distill=3, student=6, grpo=4, agent=4), eval_limit=8),
+                 seconds=dict(pretrain=4, pretrain_more=4, sft=6, lora=3, dpo=3, distill=3, student=6, grpo=4, agent=4), eval_limit=8,
+                 deadline=None),
     "tiny": dict(curriculum="small", more_text="medium", vocab=2048, preset="tiny", model=[],
                  student_layers="0,3", prompts=2400,
-                 seconds=dict(pretrain=225, pretrain_more=225, sft=200, lora=30, dpo=30, distill=60, student=120, grpo=150, agent=120), eval_limit=200),
+                 seconds=dict(pretrain=225, pretrain_more=225, sft=200, lora=30, dpo=30, distill=60, student=60, grpo=150, agent=120), eval_limit=200,
+                 deadline=1170, reserve=dict(teacher_answers=90, eval_and_report=100, per_stage=6)),
     # MiniMind2-small's 26M model on the larger curriculum: about an hour on a 2-core CPU; on a GPU the
     # same time budgets train many more steps.
     "small": dict(curriculum="medium", more_text=None, vocab=6400, preset="small", model=[],
                   student_layers="0,1,6,7", prompts=2400,
                   seconds=dict(pretrain=1200, sft=600, lora=150, dpo=240, distill=300, student=600, grpo=420,
                                agent=420),
-                  eval_limit=400),
+                  eval_limit=400, deadline=None),
 }
 
 
@@ -90,7 +96,18 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
 
     def training(command: str, name: str, *flags: str) -> list[str]:
         # Every training stage: time-boxed, checkpointed, resumable; epochs only cap very fast machines.
-        return [command, *flags, "--time-budget", str(seconds[name.replace("-", "_")]), "--epochs", "20", "--resume",
+        key = name.replace("-", "_")
+        budget = seconds[key]
+        if plan["deadline"] and not (out / name / "DONE").exists():
+            reserve = plan["reserve"]
+            stages_left = len(seconds) - list(seconds).index(key)
+            kept = (reserve["eval_and_report"] + reserve["per_stage"] * stages_left
+                    + (0 if (out / "teacher-answers" / "DONE").exists() else reserve["teacher_answers"]))
+            budget = scaled_budget(seconds, key, plan["deadline"] - (time.perf_counter() - started) - kept)
+            if budget < seconds[key]:
+                print(f"[{name}] a time budget of {budget} s (planned {seconds[key]} s), to end by the "
+                      f"{plan['deadline']} s deadline", flush=True)
+        return [command, *flags, "--time-budget", str(budget), "--epochs", "20", "--resume",
                 "--out", str(out / name), "--device", device, "--seed", str(seed), "--eval-every", "48",
                 "--save-every", "48"]
 
@@ -163,6 +180,15 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
           f"  nanomind serve --model {final}    # then open http://127.0.0.1:8998\n"
           f"  nanomind generate --model {final} --chat --prompt 'What is 12 plus 7?'")
     return final
+
+
+def scaled_budget(seconds: dict[str, int], name: str, time_left: float) -> int:
+    """Stage `name`'s planned seconds, scaled so that it and the stages after it (the plan's order) fit in
+    `time_left`: on a machine slower than the plan assumed, every remaining stage gives up the same share
+    and the run still ends by its deadline. Never more than planned, never under one second."""
+    names = list(seconds)
+    planned = sum(seconds[s] for s in names[names.index(name):])
+    return max(1, int(seconds[name] * min(1.0, max(time_left, 0.0) / planned)))
 
 
 def write_replay_mix(domain: Path, general: Path, out: Path) -> Path:
