@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -151,19 +152,26 @@ def test_every_demo_size_plans_commands_that_parse(tmp_path, monkeypatch, size):
     assert distill[distill.index("--init-from") + 1] == init == student[student.index("--init-from") + 1]
 
 
-@pytest.mark.parametrize("teacher_seconds", [60, 300], ids=["as-reserved", "slower-than-reserved"])
-def test_tiny_demo_shrinks_its_stages_to_end_by_its_deadline(tmp_path, monkeypatch, teacher_seconds):
+def simulated_tiny_demo(tmp_path, monkeypatch, speedup: float, teacher_seconds: float) -> tuple[list[int], float]:
+    """The tiny demo's time budgets and its end time on a fake clock: each training command takes its
+    budget and its start-up, pretraining logs `speedup` times the reference machine's tokens/s, and the
+    evaluation takes its reserve divided by `speedup`."""
     plan, clock, budgets = demo.SIZES["tiny"], [0.0], []
 
-    def run_for_a_while(argv):  # each command takes its time budget and its start-up, or a fixed time
+    def run_for_a_while(argv):
         if "--time-budget" in argv:
             budgets.append(int(argv[argv.index("--time-budget") + 1]))
             clock[0] += budgets[-1] + plan["reserve"]["per_stage"]
+            folder = Path(argv[argv.index("--out") + 1])
+            folder.mkdir(parents=True, exist_ok=True)
+            speed = plan["reserve"]["tokens_per_s"] * speedup
+            (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "tokens_per_s": speed}) + "\n"
+                                                          for i in range(3)))
         else:
             clock[0] += teacher_seconds if argv[0] == "generate" else 2
 
     def evaluate(*args, **kwargs):
-        clock[0] += plan["reserve"]["eval_and_report"]
+        clock[0] += plan["reserve"]["eval_and_report"] / speedup
 
     monkeypatch.setattr(demo, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setattr(demo, "run_command", run_for_a_while)
@@ -176,10 +184,20 @@ def test_tiny_demo_shrinks_its_stages_to_end_by_its_deadline(tmp_path, monkeypat
         monkeypatch.setattr(demo, name, value)
     demo.run_demo(tmp_path / "demo", size="tiny")
     assert len(budgets) == len(plan["seconds"])
-    assert clock[0] <= plan["deadline"] + 10  # one second of rounding a stage at most
     assert all(0 < b <= planned for b, planned in zip(budgets, plan["seconds"].values()))
-    if teacher_seconds > plan["reserve"]["teacher_answers"]:  # the stages after the teacher gave up time
-        assert budgets[-1] < plan["seconds"]["agent"]
+    return budgets, clock[0]
+
+
+def test_tiny_demo_shrinks_its_stages_to_end_by_its_deadline(tmp_path, monkeypatch):
+    deadline, reserve = demo.SIZES["tiny"]["deadline"], demo.SIZES["tiny"]["reserve"]
+    as_planned, end = simulated_tiny_demo(tmp_path / "a", monkeypatch, 1.0, reserve["teacher_answers"])
+    assert end <= deadline + 10  # one second of rounding a stage at most
+    # The teacher 3x slower than reserved: the stages after it give up the difference.
+    slow_teacher, end = simulated_tiny_demo(tmp_path / "b", monkeypatch, 1.0, 3 * reserve["teacher_answers"])
+    assert end <= deadline + 10 and slow_teacher[-1] < as_planned[-1] and slow_teacher[:5] == as_planned[:5]
+    # A machine twice as fast keeps less for generation once pretraining shows it: more for the stages after.
+    fast, end = simulated_tiny_demo(tmp_path / "c", monkeypatch, 2.0, reserve["teacher_answers"] / 2)
+    assert end <= deadline + 10 and fast[0] == as_planned[0] and sum(fast[1:]) > sum(as_planned[1:])
 
 
 def test_scaled_budget_shares_the_time_left_in_proportion_to_the_plan():

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import statistics
 import time
 from pathlib import Path
 
@@ -38,8 +39,9 @@ SIZES = {
     # prompts the teacher answers for it, seconds per training stage, held-out items per evaluation,
     # and where set, the whole run's deadline in seconds with what it keeps for the work that has no
     # time budget (the teacher's answers, evaluation and the report, each stage's start and saves; as
-    # measured on the slowest 2-core machine so far). The stages share what the deadline leaves in
-    # proportion to their seconds (scaled_budget).
+    # measured on the slowest 2-core machine so far, whose pretraining read 6,800 tokens/s: once
+    # pretraining has shown how fast this machine is, the first two are scaled by it). The stages share
+    # what the deadline leaves in proportion to their seconds (scaled_budget).
     "test": dict(curriculum="tiny", more_text="small", vocab=600, preset="tiny",
                  model=["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
                  student_layers="0", prompts=40,
@@ -47,8 +49,9 @@ SIZES = {
                  deadline=None),
     "tiny": dict(curriculum="small", more_text="medium", vocab=2048, preset="tiny", model=[],
                  student_layers="0,3", prompts=2400,
-                 seconds=dict(pretrain=225, pretrain_more=225, sft=200, lora=30, dpo=30, distill=60, student=60, grpo=150, agent=120), eval_limit=200,
-                 deadline=1170, reserve=dict(teacher_answers=90, eval_and_report=100, per_stage=6)),
+                 seconds=dict(pretrain=225, pretrain_more=225, sft=200, lora=30, dpo=30, distill=60, student=60, grpo=150,
+                              agent=120), eval_limit=200,
+                 deadline=1170, reserve=dict(teacher_answers=90, eval_and_report=100, per_stage=6, tokens_per_s=6800)),
     # MiniMind2-small's 26M model on the larger curriculum: about an hour on a 2-core CPU; on a GPU the
     # same time budgets train many more steps.
     "small": dict(curriculum="medium", more_text=None, vocab=6400, preset="small", model=[],
@@ -101,8 +104,9 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
         if plan["deadline"] and not (out / name / "DONE").exists():
             reserve = plan["reserve"]
             stages_left = len(seconds) - list(seconds).index(key)
-            kept = (reserve["eval_and_report"] + reserve["per_stage"] * stages_left
-                    + (0 if (out / "teacher-answers" / "DONE").exists() else reserve["teacher_answers"]))
+            generating = reserve["eval_and_report"] + (
+                0 if (out / "teacher-answers" / "DONE").exists() else reserve["teacher_answers"])
+            kept = generating * slowness(out / "pretrain", reserve["tokens_per_s"]) + reserve["per_stage"] * stages_left
             budget = scaled_budget(seconds, key, plan["deadline"] - (time.perf_counter() - started) - kept)
             if budget < seconds[key]:
                 print(f"[{name}] a time budget of {budget} s (planned {seconds[key]} s), to end by the "
@@ -180,6 +184,19 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
           f"  nanomind serve --model {final}    # then open http://127.0.0.1:8998\n"
           f"  nanomind generate --model {final} --chat --prompt 'What is 12 plus 7?'")
     return final
+
+
+def slowness(pretrain: Path, reference_tokens_per_s: float) -> float:
+    """How much slower than the reference machine this one is (below 1: faster), from the tokens/s its
+    finished pretraining stage logged; 1 until that stage is done."""
+    if not (pretrain / "DONE").exists() or not (pretrain / "metrics.jsonl").exists():
+        return 1.0
+    with open(pretrain / "metrics.jsonl", encoding="utf-8") as f:
+        speeds = [json.loads(line).get("tokens_per_s") for line in f if line.strip()]
+    speeds = [s for s in speeds if s]
+    if not speeds:
+        return 1.0
+    return min(4.0, max(0.25, reference_tokens_per_s / statistics.median(speeds)))
 
 
 def scaled_budget(seconds: dict[str, int], name: str, time_left: float) -> int:
