@@ -115,6 +115,20 @@ def test_the_main_job_trains_saves_and_samples(tmp_path):
     assert "tokens/s" in chat.stderr
 
 
+def stub_demo_work(monkeypatch, tmp_path, run_command, evaluate_stages=lambda *a, **k: None):
+    """run_demo with `run_command` in place of each command and no real data, evaluation or report."""
+    monkeypatch.setattr(demo, "run_command", run_command)
+    monkeypatch.setattr(demo, "evaluate_stages", evaluate_stages)
+    monkeypatch.setattr(demo, "last_step", lambda folder: 7)
+    monkeypatch.setattr(demo, "write_report", lambda *a, **k: tmp_path / "report.md")
+    monkeypatch.setattr(demo, "chat_samples", lambda *a, **k: [])
+    monkeypatch.setattr(demo, "held_out_questions", lambda *a, **k: [])
+    monkeypatch.setattr(demo, "write_replay_mix", lambda domain, general, out: out)
+    monkeypatch.setattr(demo, "write_arithmetic_prompts", lambda prompts, out: out)
+    monkeypatch.setattr(demo, "split_conversations",
+                        lambda conversations, folder, labeled, prompts, write: (folder / "labeled.jsonl", folder / "prompts.jsonl"))
+
+
 @pytest.mark.parametrize("size", sorted(demo.SIZES))
 def test_every_demo_size_plans_commands_that_parse(tmp_path, monkeypatch, size):
     """`--size small` is too slow for the suite: check that every command it would run is valid."""
@@ -124,16 +138,7 @@ def test_every_demo_size_plans_commands_that_parse(tmp_path, monkeypatch, size):
         commands.append(argv)
         build_parser().parse_args(expand_config_file(argv))
 
-    monkeypatch.setattr(demo, "run_command", parse_only)
-    monkeypatch.setattr(demo, "last_step", lambda folder: 7)
-    for name in ("evaluate_stages", "write_report"):
-        monkeypatch.setattr(demo, name, lambda *a, **k: tmp_path / "report.md")
-    monkeypatch.setattr(demo, "chat_samples", lambda *a, **k: [])
-    monkeypatch.setattr(demo, "held_out_questions", lambda *a, **k: [])
-    monkeypatch.setattr(demo, "write_replay_mix", lambda domain, general, out: out)
-    monkeypatch.setattr(demo, "write_arithmetic_prompts", lambda prompts, out: out)
-    monkeypatch.setattr(demo, "split_conversations",
-                        lambda conversations, folder, labeled, prompts, write: (folder / "labeled.jsonl", folder / "prompts.jsonl"))
+    stub_demo_work(monkeypatch, tmp_path, parse_only)
     demo.run_demo(tmp_path / "demo", size=size)
     planned = [c[0] for c in commands]
     more_text = ["data", "pretrain"] if demo.SIZES[size]["more_text"] else []
@@ -174,14 +179,7 @@ def simulated_tiny_demo(tmp_path, monkeypatch, speedup: float, teacher_seconds: 
         clock[0] += plan["reserve"]["eval_and_report"] / speedup
 
     monkeypatch.setattr(demo, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    monkeypatch.setattr(demo, "run_command", run_for_a_while)
-    monkeypatch.setattr(demo, "evaluate_stages", evaluate)
-    for name, value in [("last_step", lambda folder: 7), ("write_report", lambda *a, **k: tmp_path / "report.md"),
-                        ("chat_samples", lambda *a, **k: []), ("held_out_questions", lambda *a, **k: []),
-                        ("write_replay_mix", lambda domain, general, out: out),
-                        ("write_arithmetic_prompts", lambda prompts, out: out),
-                        ("split_conversations", lambda *a, **k: (tmp_path / "l.jsonl", tmp_path / "p.jsonl"))]:
-        monkeypatch.setattr(demo, name, value)
+    stub_demo_work(monkeypatch, tmp_path, run_for_a_while, evaluate)
     demo.run_demo(tmp_path / "demo", size="tiny")
     assert len(budgets) == len(plan["seconds"])
     assert all(0 < b <= planned for b, planned in zip(budgets, plan["seconds"].values()))

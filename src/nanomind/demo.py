@@ -31,7 +31,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .report import evaluate_stages, held_out_questions, is_arithmetic, write_report
+from .report import evaluate_stages, held_out_questions, is_arithmetic, stage_metrics, write_report
 
 SIZES = {
     # curriculum, the larger one whose pretraining text is read too (the same world, fresh sentences),
@@ -189,12 +189,8 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
 def slowness(pretrain: Path, reference_tokens_per_s: float) -> float:
     """How much slower than the reference machine this one is (below 1: faster), from the tokens/s its
     finished pretraining stage logged; 1 until that stage is done."""
-    if not (pretrain / "DONE").exists() or not (pretrain / "metrics.jsonl").exists():
-        return 1.0
-    with open(pretrain / "metrics.jsonl", encoding="utf-8") as f:
-        speeds = [json.loads(line).get("tokens_per_s") for line in f if line.strip()]
-    speeds = [s for s in speeds if s]
-    if not speeds:
+    speeds = [row["tokens_per_s"] for row in stage_metrics(pretrain) if row.get("tokens_per_s")]
+    if not (pretrain / "DONE").exists() or not speeds:
         return 1.0
     return min(4.0, max(0.25, reference_tokens_per_s / statistics.median(speeds)))
 
@@ -245,8 +241,7 @@ def split_conversations(conversations: Path, folder: Path, labeled: int, prompts
 
 def last_step(folder: Path) -> int:
     """The last training step a stage logged in its metrics.jsonl."""
-    with open(folder / "metrics.jsonl", encoding="utf-8") as f:
-        return max(json.loads(line)["step"] for line in f if line.strip())
+    return max(row["step"] for row in stage_metrics(folder))
 
 
 def chat_samples(checkpoint: Path, conversations: list[list[dict]], agent_file: Path) -> list[tuple[str, str]]:

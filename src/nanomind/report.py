@@ -115,9 +115,13 @@ def evaluate_stages(out: str | Path, limit: int = 200) -> dict:
 # The report
 
 
-def _metrics(folder: Path) -> list[dict]:
+def stage_metrics(folder: Path) -> list[dict]:
+    """The rows a training stage logged to FOLDER/metrics.jsonl (none when it has no such file)."""
     path = folder / "metrics.jsonl"
-    return [json.loads(line) for line in open(path, encoding="utf-8")] if path.exists() else []
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def _plot(path: Path, title: str, rows: list[dict], series: list[str]) -> bool:
@@ -206,7 +210,7 @@ def write_report(out: str | Path, samples: list[tuple[str, str]] = ()) -> Path:
              "| stage | wall time | steps | tokens read | tokens/s | final loss | final val loss |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name in TIMED_STAGES:
-        rows = _metrics(out / name)
+        rows = stage_metrics(out / name)
         done = out / name / "DONE"
         wall = done.read_text().strip() if done.exists() else "-"
         if not rows:  # a stage that trains nothing (convert, generate): its time only
@@ -221,7 +225,7 @@ def write_report(out: str | Path, samples: list[tuple[str, str]] = ()) -> Path:
     lines += ["", "## Curves", ""]
     for i, (stage, title, series) in enumerate(PLOTS):
         name = f"{i:02d}-{stage}.png"
-        if _plot(figures / name, title, _metrics(out / stage), series):
+        if _plot(figures / name, title, stage_metrics(out / stage), series):
             lines.append(f"![{title}](report/{name})")
     lines += ["", "## Held-out evaluations", ""]
     if results:
