@@ -17,7 +17,8 @@ What is measured:
 * batch-1 greedy decode tokens/s for `base` (prefill of the prompt included): nanomind's
   `decode_tokens` against `Qwen3ForCausalLM.generate(do_sample=False, min_new_tokens=N)`;
 * the best fp32 matmul throughput this CPU reaches (torch.mm, square and model-shaped operands) and
-  the model FLOPs utilisation of the `base` training step against it.
+  the model FLOPs utilisation of the `base` training step against it, eager and under torch.compile
+  (what `nanomind pretrain --compile` runs: the trainer compiles the same model).
 """
 
 from __future__ import annotations
@@ -256,8 +257,11 @@ class TrainResult:
         return self.batch * self.seq / statistics.median(self.times[kind])
 
 
+COMPILED = "nanomind --compile"
+
+
 def bench_training(preset: str, batch: int, seq: int, warmup: int, timed: int, log,
-                   budget_s: float | None = None) -> TrainResult:
+                   budget_s: float | None = None, compiled: bool = False) -> TrainResult:
     config = preset_config(preset)
     nano, hf = build_pair(config)
     check = check_same_function(nano, hf, config, min(seq, 128))
@@ -266,6 +270,12 @@ def bench_training(preset: str, batch: int, seq: int, warmup: int, timed: int, l
     ids, targets = chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
     steps = {"nanomind": make_train_step(nano, "nanomind", ids, targets),
              "transformers": make_train_step(hf, "transformers", ids, targets)}
+    if compiled:
+        # The compiled module shares nanomind's parameters; its first step compiles, outside the timing.
+        steps[COMPILED] = make_train_step(torch.compile(nano), "nanomind", ids, targets)
+        t0 = time.perf_counter()
+        steps[COMPILED]()
+        log(f"  torch.compile of the {preset} training step: {time.perf_counter() - t0:.0f} s")
     log(f"train {preset}: batch {batch} x seq {seq}, {warmup} warm-up + {timed} timed steps each")
     timing = interleaved_timing(steps, warmup, timed, budget_s=budget_s)
     times = timing["times"]
@@ -463,6 +473,11 @@ def render_table(train: list[TrainResult], decode: DecodeResult, peak: Peak) -> 
             rows.append(f"| Train step `base` model FLOPs utilisation, % of measured fp32 matmul peak "
                         f"| {a:.1f}% | {b:.1f}% | {a / b:.2f}x | >= {TARGETS['mfu_base']:.0f}% (nanomind) "
                         f"| {verdict(a, TARGETS['mfu_base'])} |")
+        if r.preset == "base" and COMPILED in r.times:
+            c = flops / statistics.median(r.times[COMPILED]) / peak.best * 100
+            rows.append(f"| ... the same step under torch.compile (`--compile`; transformers eager) "
+                        f"| {c:.1f}% | {b:.1f}% | {c / b:.2f}x | >= {TARGETS['mfu_base']:.0f}% (nanomind) "
+                        f"| {verdict(c, TARGETS['mfu_base'])} |")
     a, b = decode.tokens_per_s("nanomind"), decode.tokens_per_s("transformers")
     rows.append(f"| Greedy decode `{decode.preset}`, batch 1 (prompt {decode.prompt_len}, "
                 f"{decode.new_tokens} new), tokens/s | {a:,.1f} | {b:,.1f} | {a / b:.2f}x "
@@ -488,6 +503,9 @@ def render_details(train: list[TrainResult], decode: DecodeResult, peak: Peak) -
         lines.append(f"| Train step `{r.preset}` B={r.batch} T={r.seq} ({r.n_params / 1e6:.2f}M params) "
                      f"| {span(r.times['nanomind'])} | {span(r.times['transformers'])} "
                      f"| {rounds(r)} |")
+        if COMPILED in r.times:
+            lines.append(f"| Train step `{r.preset}` under torch.compile (`--compile`) "
+                         f"| {span(r.times[COMPILED])} | | {rounds(r)} |")
     lines.append(f"| Decode `{decode.preset}` {decode.new_tokens} tokens (incl. prefill) "
                  f"| {span(decode.times['nanomind'])} | {span(decode.times['transformers'])} "
                  f"| {rounds(decode)} |")
@@ -547,6 +565,9 @@ of the timed steps after warm-up, the two implementations interleaved. nanomind 
 already shifted (loss over T positions per row; its loss goes through the LM head a chunk of rows
 at a time, without materialising the logits); transformers is given labels = inputs and shifts them
 itself (loss over T-1 positions): the same work to within one row of the cross-entropy.
+The `--compile` row is the same nanomind model under `torch.compile` (inductor fuses the
+elementwise work between the matmuls; its compile time, a minute or two, is not counted), timed in
+the same rounds: it is what `nanomind pretrain --compile` trains with.
 
 Decode: greedy, batch 1, time for all new tokens including the prompt's prefill; nanomind's model
 is loaded as `nanomind generate` loads it (q/k/v and gate/up projections fused, see
@@ -615,6 +636,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=None, help="decode prompt length (default 32)")
     p.add_argument("--new-tokens", type=int, default=None, help="decode new tokens (default 128)")
     p.add_argument("--decode-runs", type=int, default=None, help="timed decode runs per implementation")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the torch.compile'd base training step (it compiles for a minute or two first)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="time allowed for the timed rounds, retries included (default 9; --quick 1)")
     args = p.parse_args(argv)
@@ -655,7 +678,8 @@ def main(argv=None) -> None:
 
     budget = args.max_minutes * 60  # for the timed rounds; retries stop once a section's share is spent
     train = [bench_training("tiny", args.tiny_batch, T, args.warmup, args.tiny_steps, log, 0.2 * budget),
-             bench_training("base", args.base_batch, T, args.warmup, args.base_steps, log, 0.5 * budget)]
+             bench_training("base", args.base_batch, T, args.warmup, args.base_steps, log, 0.5 * budget,
+                            compiled=not args.no_compile)]
     decode = bench_decode("base", args.prompt_len, args.new_tokens, 1, args.decode_runs, log, 0.2 * budget)
 
     # A second look after the long runs (the machine's speed drifts); the peak is the best of all.

@@ -112,10 +112,14 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
                 print(f"[{name}] a time budget of {budget} s (planned {seconds[key]} s), to end by the "
                       f"{plan['deadline']} s deadline", flush=True)
         return [command, *flags, "--time-budget", str(budget), "--epochs", "20", "--resume",
-                "--out", str(out / name), "--device", device, "--seed", str(seed), "--eval-every", "48",
-                "--save-every", "48"]
+                "--out", str(out / name), "--device", device, "--seed", str(seed), "--eval-every", "96",
+                "--save-every", "96"]
 
-    pretrain_flags = ["--seq-len", "256", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "20"]
+    # Small batches: in a fixed time a model this small learns far more from many small steps than from
+    # a few large ones (measured on a 2-core CPU, 180 s of pretraining on the curriculum's arithmetic:
+    # validation loss 1.01 at batch 16, 0.87 at 8, 0.64 at 4 and 0.84 at 2; SFT for 170 s: 0.63 at
+    # batch 8, 0.29 at 2).
+    pretrain_flags = ["--seq-len", "256", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "20"]
     stage(out, "pretrain", training("pretrain", "pretrain", "--data", str(data / "pretrain.jsonl"),
                                     "--tokenizer", str(tokenizer), "--preset", plan["preset"], *plan["model"],
                                     *pretrain_flags))
@@ -131,7 +135,7 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
                                              "--init-from", str(pretrained), *pretrain_flags))
         pretrained = out / "pretrain-more" / "model"
     sft = out / "sft" / "model"
-    chat_flags = ["--seq-len", "768", "--batch-size", "8", "--warmup-steps", "10"]
+    chat_flags = ["--seq-len", "768", "--batch-size", "2", "--warmup-steps", "10"]
     stage(out, "sft", training("sft", "sft", "--data", str(data / "sft.jsonl"), "--init-from", str(pretrained),
                                *chat_flags, "--lr", "1e-3"))
     lora_data = out / "lora" / "domain_and_replay.jsonl"
