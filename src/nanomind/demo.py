@@ -36,7 +36,8 @@ from .report import evaluate_stages, held_out_questions, is_arithmetic, stage_me
 SIZES = {
     # curriculum, the larger one whose pretraining text is read too (the same world, fresh sentences),
     # tokenizer vocabulary, model preset and flags, the teacher's layers the student keeps, how many
-    # prompts the teacher answers for it, seconds per training stage, held-out items per evaluation,
+    # prompts the teacher answers for it, seconds per training stage, the batch sizes of pretraining and
+    # of the chat stages (SFT, LoRA, distillation), held-out items per evaluation,
     # and where set, the whole run's deadline in seconds with what it keeps for the work that has no
     # time budget (the teacher's answers, evaluation and the report, each stage's start and saves; as
     # measured on the slowest 2-core machine so far, whose pretraining read 6,800 tokens/s: once
@@ -45,12 +46,13 @@ SIZES = {
     "test": dict(curriculum="tiny", more_text="small", vocab=600, preset="tiny",
                  model=["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
                  student_layers="0", prompts=40,
-                 seconds=dict(pretrain=4, pretrain_more=4, sft=6, lora=3, dpo=3, distill=3, student=6, grpo=4, agent=4), eval_limit=8,
+                 seconds=dict(pretrain=4, pretrain_more=4, sft=6, lora=3, dpo=3, distill=3, student=6, grpo=4, agent=4),
+                 batch=dict(pretrain=4, chat=2), eval_limit=8,
                  deadline=None),
     "tiny": dict(curriculum="small", more_text="medium", vocab=2048, preset="tiny", model=[],
                  student_layers="0,3", prompts=2400,
                  seconds=dict(pretrain=225, pretrain_more=225, sft=200, lora=30, dpo=30, distill=60, student=60, grpo=150,
-                              agent=120), eval_limit=200,
+                              agent=120), batch=dict(pretrain=4, chat=2), eval_limit=200,
                  deadline=1170, reserve=dict(teacher_answers=90, eval_and_report=100, per_stage=6, tokens_per_s=6800)),
     # MiniMind2-small's 26M model on the larger curriculum: about an hour on a 2-core CPU; on a GPU the
     # same time budgets train many more steps.
@@ -58,7 +60,7 @@ SIZES = {
                   student_layers="0,1,6,7", prompts=2400,
                   seconds=dict(pretrain=1200, sft=600, lora=150, dpo=240, distill=300, student=600, grpo=420,
                                agent=420),
-                  eval_limit=400, deadline=None),
+                  batch=dict(pretrain=16, chat=8), eval_limit=400, deadline=None),
 }
 
 
@@ -115,11 +117,12 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
                 "--out", str(out / name), "--device", device, "--seed", str(seed), "--eval-every", "96",
                 "--save-every", "96"]
 
-    # Small batches: in a fixed time a model this small learns far more from many small steps than from
-    # a few large ones (measured on a 2-core CPU, 180 s of pretraining on the curriculum's arithmetic:
-    # validation loss 1.01 at batch 16, 0.87 at 8, 0.64 at 4 and 0.84 at 2; SFT for 170 s: 0.63 at
-    # batch 8, 0.29 at 2).
-    pretrain_flags = ["--seq-len", "256", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "20"]
+    # Small batches for the tiny model: in a fixed time it learns far more from many small steps than
+    # from a few large ones (measured on a 2-core CPU, 180 s of pretraining on the curriculum's
+    # arithmetic: validation loss 1.01 at batch 16, 0.87 at 8, 0.64 at 4 and 0.84 at 2; SFT for 170 s:
+    # 0.63 at batch 8, 0.29 at 2). The 26M `small` model keeps larger ones, which a GPU needs to be busy.
+    batch = plan["batch"]
+    pretrain_flags = ["--seq-len", "256", "--batch-size", str(batch["pretrain"]), "--lr", "3e-3", "--warmup-steps", "20"]
     stage(out, "pretrain", training("pretrain", "pretrain", "--data", str(data / "pretrain.jsonl"),
                                     "--tokenizer", str(tokenizer), "--preset", plan["preset"], *plan["model"],
                                     *pretrain_flags))
@@ -135,7 +138,7 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
                                              "--init-from", str(pretrained), *pretrain_flags))
         pretrained = out / "pretrain-more" / "model"
     sft = out / "sft" / "model"
-    chat_flags = ["--seq-len", "768", "--batch-size", "2", "--warmup-steps", "10"]
+    chat_flags = ["--seq-len", "768", "--batch-size", str(batch["chat"]), "--warmup-steps", "10"]
     stage(out, "sft", training("sft", "sft", "--data", str(data / "sft.jsonl"), "--init-from", str(pretrained),
                                *chat_flags, "--lr", "1e-3"))
     lora_data = out / "lora" / "domain_and_replay.jsonl"
