@@ -196,8 +196,10 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
 def slowness(pretrain: Path, reference_tokens_per_s: float) -> float:
     """How much slower than the reference machine this one is (below 1: faster), from the tokens/s its
     finished pretraining stage logged; 1 until that stage is done."""
+    if not (pretrain / "DONE").exists():
+        return 1.0
     speeds = [row["tokens_per_s"] for row in stage_metrics(pretrain) if row.get("tokens_per_s")]
-    if not (pretrain / "DONE").exists() or not speeds:
+    if not speeds:
         return 1.0
     return min(4.0, max(0.25, reference_tokens_per_s / statistics.median(speeds)))
 
