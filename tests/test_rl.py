@@ -12,6 +12,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ from nanomind.prepare import PrepareOptions, load_manifest, open_rows, prepare
 from nanomind.rewards import answer_text, math_reward, tool_call_reward
 from nanomind.rl import (VALUE_FILE, PolicyLoss, add_value_model, aggregate, cispo_loss, clipped_surrogate,
                          clipped_value_loss, data_kind, gae, group_advantages, k3_kl, make_stage, overlong_penalty,
-                         render_prompt, settings_from_args, training_layout)
+                         render_prompt, settings_from_args, training_layout, whiten)
 from nanomind.synth import synthesize
 from nanomind.tokenizer import Tokenizer, train_tokenizer
 from nanomind.tools import builtin_tools, tool_schemas
@@ -132,6 +133,37 @@ def test_gae_steps_over_the_gaps_between_an_agents_replies():
         assert advantages[row, steps].tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
         assert returns[row, steps].tolist() == pytest.approx([e + x for e, x in zip(expected, v)], rel=1e-5, abs=1e-6)
     assert (advantages[~mask] == 0).all() and (returns[~mask] == 0).all()
+
+
+def test_ppo_whitening_spans_every_process():
+    """Two ranks (threads here, meeting at a real barrier as an all-reduce does) with shards of different
+    sizes and scales get exactly the whitening of the shards put together, not each its own."""
+    torch.manual_seed(2)
+    shards = [(torch.randn(2, 9) * 3 + 1, torch.rand(2, 9) > 0.2), (torch.randn(3, 5), torch.rand(3, 5) > 0.5)]
+    barrier, pending, results = threading.Barrier(2), [None, None], [None, None]
+
+    def all_reduce_sum(rank):
+        def reduce(x):
+            pending[rank] = x.clone()
+            barrier.wait()
+            total = pending[0] + pending[1]
+            barrier.wait()  # both have read before either overwrites its slot
+            return total
+        return reduce
+
+    def rank_main(rank):
+        results[rank] = whiten(*shards[rank], all_reduce_sum=all_reduce_sum(rank))
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    together = torch.cat([v[m] for v, m in shards])
+    for (values, mask), result in zip(shards, results):
+        expected = (values - together.mean()) / together.std(correction=0)
+        assert torch.allclose(result[mask], expected[mask], atol=1e-5) and (result[~mask] == 0).all()
+        assert not torch.allclose(result[mask], whiten(values, mask)[mask], atol=1e-2)  # the per-shard answer
 
 
 def test_token_and_sequence_aggregation_and_the_overlong_penalty():
@@ -582,6 +614,27 @@ def test_agent_grpo_runs_end_to_end_on_the_synthetic_agent_data(agent_data, tmp_
     args = build_parser().parse_args(["rl", "--data", str(agent_data / "synth" / "agent_rl.jsonl"), "--out", "x"])
     assert data_kind(args) == "rl" and data_kind(argparse_namespace(args, agent=True)) == "agent"
     assert data_kind(argparse_namespace(args, data=[str(agent_data / "prompts")])) == "rl"
+
+
+def test_agent_rl_under_two_ddp_processes_ends_with_identical_weights(agent_data, tmp_path):
+    """Trajectories differ in turns and length from process to process; the training steps must still
+    line up one to one across processes (a mismatch hangs the all-reduce) and keep the weights equal."""
+    (tmp_path / "spy.py").write_text(SPY)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(_free_port()), str(tmp_path / "spy.py"), str(tmp_path),
+                             "rl", "--algo", "grpo", "--data", str(agent_data / "agent"),
+                             "--init-from", str(agent_data / "init"), "--out", str(tmp_path / "run"), "--device", "cpu",
+                             "--batch-size", "2", "--num-generations", "2", "--max-new-tokens", "16",
+                             "--max-prompt-len", "1000", "--max-steps", "3", "--warmup-steps", "1", "--lr", "1e-2"],
+                            check=False, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    init = load_model(agent_data / "init").state_dict()
+    assert max((ranks[0][k] - init[k]).abs().max() for k in init) > 1e-4  # it trained
+    assert len(metrics_of(tmp_path / "run")) == 3 and "tool_calls" in metrics_of(tmp_path / "run")[0]
 
 
 def argparse_namespace(args, **changes):

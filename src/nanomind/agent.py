@@ -23,7 +23,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .data import conversation_tools
+from .data import conversation_tools, without_reply_placeholder
 from .generation import SamplingParams, generate
 from .rewards import answer_text
 from .tools import THINK_END, THINK_START, ToolCall, extract_tool_calls, run_tool_call, tool_schemas
@@ -106,10 +106,7 @@ def run_agents(model, tokenizer, conversations: Sequence[list[dict]], tools, par
 
     trajectories = []
     for messages, think in zip(conversations, switches):
-        messages = [dict(m) for m in messages]
-        if messages and messages[-1]["role"] == "assistant" and not messages[-1].get("content") \
-                and not messages[-1].get("tool_calls"):
-            messages.pop()
+        messages = [dict(m) for m in without_reply_placeholder(messages)]
         t = Trajectory(messages, think)
         t.token_ids = tokenizer.encode(_render(tokenizer, t, tools, add_generation_prompt=True))
         t.mask = [0] * len(t.token_ids)

@@ -172,6 +172,14 @@ def conversation_tools(messages: list[dict]) -> list | None:
     return None
 
 
+def without_reply_placeholder(messages: list[dict]) -> list[dict]:
+    """The messages without a trailing empty assistant turn: the slot an RL record leaves for the reply."""
+    last = messages[-1] if messages else {}
+    if last.get("role") == "assistant" and not last.get("content") and not last.get("tool_calls"):
+        return messages[:-1]
+    return messages
+
+
 # ----------------------------------------------------------------------------------------------
 # Streaming files
 

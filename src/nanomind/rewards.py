@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+from .data import without_reply_placeholder
 from .tools import TOOL_END, TOOL_START, extract_tool_calls, import_file, remove_thinking
 
 # ---------------------------------------------------------------------------------------------------
@@ -552,9 +553,8 @@ class RewardModel:
             return prompt + completion
         if not conversation:
             raise ValueError("RewardModel(chat_template=True) needs sample['conversations'] to render")
-        messages = [{"role": m["role"], "content": m.get("content") or ""} for m in conversation]
-        if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
-            messages.pop()  # the RL record's empty placeholder for the reply
+        messages = [{"role": m["role"], "content": m.get("content") or ""}
+                    for m in without_reply_placeholder(conversation)]
         messages.append({"role": "assistant", "content": answer_text(completion)})
         return self.tokenizer.apply_chat_template(messages, tokenize=False)
 

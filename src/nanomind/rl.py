@@ -144,10 +144,16 @@ def gae(rewards, values, mask, gamma: float, lam: float) -> tuple[torch.Tensor, 
     return advantages, (advantages + values) * mask
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Zero mean and unit variance over the masked entries."""
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, all_reduce_sum=None) -> torch.Tensor:
+    """Zero mean and unit variance over the masked entries; with `all_reduce_sum`, over every process's
+    entries, so that one advantage means the same on every rank of a DDP run."""
+    reduce = all_reduce_sum or (lambda x: x)
     picked = values[mask]
-    return torch.where(mask, (values - picked.mean()) / (picked.std(correction=0) + eps), 0.0)
+    count, total = reduce(torch.stack([picked.new_tensor(float(picked.numel())), picked.sum()])).tolist()
+    mean = total / max(count, 1.0)
+    # Squared deviations from the shared mean, not E[x^2] - mean^2, which cancels badly in fp32.
+    variance = reduce((picked - mean).square().sum()).item() / max(count, 1.0)
+    return torch.where(mask, (values - mean) / (variance ** 0.5 + eps), 0.0)
 
 
 def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int) -> torch.Tensor:
@@ -520,7 +526,7 @@ class RolloutBatches:
             last = self.lengths.to(self.device) - 2
             token_rewards[torch.arange(len(last), device=self.device), last] += rewards
             advantages, data["returns"] = gae(token_rewards, data["old_values"], mask, s.gamma, s.lam)
-            data["advantages"] = whiten(advantages, mask)
+            data["advantages"] = whiten(advantages, mask, all_reduce_sum=self.run.all_reduce_sum)
         else:
             data["advantages"] = group_advantages(rewards, G)[:, None] * mask
         self.groups, self.data = kept, data  # the rollout being trained on
