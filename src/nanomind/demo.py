@@ -14,7 +14,7 @@
                 --data`) and `nanomind distill` teaches the student on both     -> DIR/distill/model
      student    `nanomind sft`: the same student by plain SFT on its 200, as   -> DIR/student/model
                 many steps (the yardstick: how much of the gap to the teacher distillation closes)
-  8. grpo       `nanomind rl --algo grpo` on the RL prompts that are sums, from DPO -> DIR/grpo/model
+  8. grpo       `nanomind rl --algo grpo` on the RL prompts that are arithmetic, from DPO -> DIR/grpo/model
   9. agent      `nanomind rl --agent`: multi-turn tool use (calculator, units)  -> DIR/agent/model
  10. eval       every stage's model on the held-out files                       -> DIR/eval/results.json
  11. report     curves, timings, evaluations against targets, sample chats      -> DIR/report.md
@@ -225,7 +225,7 @@ def write_replay_mix(domain: Path, general: Path, out: Path) -> Path:
 
 
 def write_arithmetic_prompts(prompts: Path, out: Path) -> Path:
-    """The RL prompts that are sums (the rest ask for facts): GRPO's steps all go to the skill it is
+    """The RL prompts that are arithmetic (the rest ask for facts): GRPO's steps all go to the skill it is
     measured on."""
     with open(prompts, encoding="utf-8") as f:
         lines = [line for line in f if line.strip() and is_arithmetic(json.loads(line))]
