@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import random
 import re
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 import pytest
 
 from nanomind.data import read_records
-from nanomind.synth import SIZES, UNITS, CONVERSIONS, Problem, World, synthesize
+from nanomind.synth import SIZES, UNITS, CONVERSIONS, Problem, World, pretrain_record, synthesize
 from nanomind.tokenizer import train_tokenizer
 
 STEMS = ["pretrain", "sft", "dpo", "rl", "agent_rl", "lora_domain"]
@@ -319,3 +320,42 @@ def test_some_files_only_are_the_same_files(curriculum, tmp_path):
     assert synthesize(out, size="tiny", seed=0, stems=["rl"]) == manifest
     with pytest.raises(ValueError, match="unknown curriculum file sfft"):
         synthesize(tmp_path / "bad", size="tiny", stems=["sfft"])
+
+
+
+def test_every_town_is_said_to_hold_only_its_residents():
+    world = World.build(0, "small")  # it has towns of one resident, as the tiny one has not
+    rng = random.Random(0)
+    said = 0
+    for _ in range(3000):
+        text = pretrain_record(world, rng, "train")["text"]
+        for town in world.towns:
+            residents = world.residents(town)
+            for zh in (False, True):
+                lives = re.search(rf"(?:^|。)([^。]*?)住在{town.name.zh}。" if zh else
+                                  rf"(?:^|\. )([^.]*?) lives? in {town.name.en}\.", text)
+                if lives and residents:
+                    said += len(residents) == 1
+                    named = re.split(r"、|和" if zh else r", | and ", lives.group(1))
+                    names = [p.name.pick(zh) for p in residents]
+                    # a person's own facts name one resident; a town's list names them all
+                    assert named == names or (len(named) == 1 and named[0] in names), text
+    assert said > 10
+
+
+def test_pretraining_drills_the_steps_that_worked_solutions_chain(curriculum):
+    out, _ = curriculum
+    drills = [r["text"] for r in read(out, "pretrain.jsonl")
+              if EQUATION.match(r["text"]) and "work out" not in r["text"] and "算" not in r["text"]]
+    stated = {(int(a), op, int(b)) for text in drills for a, op, b, _ in EQUATION.findall(text)}
+    worked = [Problem(int(a), op, int(b)) for r in read(out, "pretrain.jsonl")
+              for a, op, b, _ in EQUATION.findall(r["text"]) if "work out" in r["text"] or "算" in r["text"]]
+    assert len(drills) > 50
+    # the kinds of fact a worked solution chains: a ± tens, a ± one digit, the times table, tens × one digit
+    assert any(op == "+" and a >= 10 and 0 < b < 10 for a, op, b in stated)
+    assert any(op == "-" and a >= 10 and b % 10 == 0 for a, op, b in stated)
+    assert any(op == "×" and a < 10 and b < 10 for a, op, b in stated)
+    assert any(op == "×" and a % 10 == 0 and b < 10 for a, op, b in stated)
+    # never a problem of the kind held out (needing steps of its own), only the steps
+    assert not any(Problem(a, op, b).holdable for a, op, b in stated)
+    assert worked  # the worked solutions are still there

@@ -171,10 +171,13 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
     arithmetic = out / "grpo" / "arithmetic.jsonl"
     if not (out / "grpo" / "DONE").exists():
         write_arithmetic_prompts(data / "rl.jsonl", arithmetic)
+    # lr 1e-4 with a KL pull to the DPO model (beta 0.04): from one DPO model (15% held-out exact match),
+    # 150 s of GRPO gained +8 points at lr 2e-5, +20 at 1e-4 but with the general held-out loss up from
+    # 0.32 to 0.50, and +14 at 1e-4 with the KL term, the loss at 0.36.
     stage(out, "grpo", training("rl", "grpo", "--algo", "grpo", "--data", str(arithmetic),
                                 "--init-from", str(out / "dpo" / "model"), "--reward", "math", "--num-generations", "8",
-                                "--batch-size", "4", "--max-new-tokens", "48", "--temperature", "1.0", "--lr", "2e-5",
-                                "--warmup-steps", "5"))
+                                "--batch-size", "4", "--max-new-tokens", "48", "--temperature", "1.0", "--lr", "1e-4",
+                                "--beta", "0.04", "--warmup-steps", "5"))
     stage(out, "agent", training("rl", "agent", "--agent", "--algo", "grpo", "--data", str(data / "agent_rl.jsonl"),
                                  "--init-from", str(out / "grpo" / "model"), "--num-generations", "4",
                                  "--batch-size", "4", "--max-turns", "3", "--max-new-tokens", "64",

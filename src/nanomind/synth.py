@@ -3,7 +3,8 @@
 `synthesize(out_dir, size, seed)` invents a small world (towns, people, animals), then writes what each
 training stage reads, in the JSONL layouts MiniMind's own datasets use, so the same readers serve both:
 
-    pretrain.jsonl     {"text"}: facts about the world stated many ways, worked arithmetic, short stories
+    pretrain.jsonl     {"text"}: facts about the world stated many ways, worked arithmetic, drills of the
+                       one-step facts worked solutions chain, short stories
     sft.jsonl          {"conversations"}: questions about those facts, arithmetic with step-by-step
                        `reasoning_content`, identity, multi-turn chats, calculator / unit-converter tool calls
     dpo.jsonl          {"chosen", "rejected"}: one prompt, the rejected answer wrong, in the wrong language
@@ -744,7 +745,7 @@ def tool_conversation(world: World, rng: random.Random, zh: bool, split: str) ->
 def pretrain_record(world: World, rng: random.Random, split: str) -> dict:
     zh = rng.random() < 0.5
     kind = rng.choices(["person", "town", "animal", "story", "worked", "sums", "units"],
-                       weights=[30, 10, 5, 20, 20, 8, 7])[0]
+                       weights=[30, 10, 5, 14, 20, 14, 7])[0]
     sep = "" if zh else " "
     if kind == "person":
         person = rng.choice(world.people)
@@ -756,8 +757,9 @@ def pretrain_record(world: World, rng: random.Random, split: str) -> dict:
         sentences = [f.state(rng, zh) for f in rng.sample(facts, len(facts))]
         people = [p.name.pick(zh) for p in world.residents(town)]
         if people:
-            names = ("、".join(people[:-1]) + "和" if zh else ", ".join(people[:-1]) + " and ") + people[-1]
-            sentences.append(f"{names}住在{town.name.zh}。" if zh else f"{names if len(people) > 1 else people[0]} "
+            names = people[0] if len(people) == 1 else (
+                ("、".join(people[:-1]) + "和" if zh else ", ".join(people[:-1]) + " and ") + people[-1])
+            sentences.append(f"{names}住在{town.name.zh}。" if zh else f"{names} "
                              f"{'live' if len(people) > 1 else 'lives'} in {town.name.en}.")
         text = sep.join(sentences)
     elif kind == "animal":
@@ -769,8 +771,12 @@ def pretrain_record(world: World, rng: random.Random, split: str) -> dict:
         p = draw_problem(rng, world.seed, split)
         text = (f"我们来算 {p.text}。" if zh else f"Let us work out {p.text}. ") + explain(p, zh)
     elif kind == "sums":
-        problems = [draw_problem(rng, world.seed, split) for _ in range(rng.randint(3, 6))]
-        text = ("，" if zh else ", ").join(f"{p.text} = {p.result}" for p in problems) + ("。" if zh else ".")
+        # The one-step facts that worked solutions chain (a ± tens, a ± one digit, the times table, tens
+        # × one digit), stated bare: a model this small learns them only from many repetitions, and a
+        # held-out problem is then solved step by step from them.
+        problems = [draw_problem(rng, world.seed, split) for _ in range(rng.randint(2, 4))]
+        steps = [step for p in problems for step in ([s for _, s in worked_steps(p)] or [p])]
+        text = ("，" if zh else ", ").join(f"{p.text} = {p.result}" for p in steps) + ("。" if zh else ".")
     else:
         facts = rng.sample(CONVERSIONS, 3)
         text = sep.join(f"1 {UNITS[big][3]}等于 {f} {UNITS[small][3]}。" if zh else
