@@ -343,13 +343,11 @@ def test_every_town_is_said_to_hold_only_its_residents():
     assert said > 10
 
 
-def test_pretraining_drills_the_steps_that_worked_solutions_chain(curriculum):
+def test_pretraining_drills_the_steps_that_worked_solutions_are_chained_from(curriculum):
     out, _ = curriculum
-    drills = [r["text"] for r in read(out, "pretrain.jsonl")
-              if EQUATION.match(r["text"]) and "work out" not in r["text"] and "算" not in r["text"]]
+    texts = [r["text"] for r in read(out, "pretrain.jsonl")]
+    drills = [text for text in texts if EQUATION.match(text)]  # worked solutions open with words
     stated = {(int(a), op, int(b)) for text in drills for a, op, b, _ in EQUATION.findall(text)}
-    worked = [Problem(int(a), op, int(b)) for r in read(out, "pretrain.jsonl")
-              for a, op, b, _ in EQUATION.findall(r["text"]) if "work out" in r["text"] or "算" in r["text"]]
     assert len(drills) > 50
     # the kinds of fact a worked solution chains: a ± tens, a ± one digit, the times table, tens × one digit
     assert any(op == "+" and a >= 10 and 0 < b < 10 for a, op, b in stated)
@@ -358,4 +356,4 @@ def test_pretraining_drills_the_steps_that_worked_solutions_chain(curriculum):
     assert any(op == "×" and a % 10 == 0 and b < 10 for a, op, b in stated)
     # never a problem of the kind held out (needing steps of its own), only the steps
     assert not any(Problem(a, op, b).holdable for a, op, b in stated)
-    assert worked  # the worked solutions are still there
+    assert any("work out" in text or "我们来算" in text for text in texts)  # the worked solutions are still there

@@ -176,7 +176,7 @@ def _targets(results: dict) -> list[tuple[str, str, str, bool | None]]:
     if r("grpo", "arithmetic_exact") is not None:
         gain = 100 * (r("grpo", "arithmetic_exact") - r("dpo", "arithmetic_exact"))
         rows.append(("GRPO arithmetic exact-match gain",
-                     f"{r('dpo', 'arithmetic_exact'):.0%} -> {r('grpo', 'arithmetic_exact'):.0%} ({gain:+.0f} points)",
+                     f"{r('dpo', 'arithmetic_exact'):.1%} -> {r('grpo', 'arithmetic_exact'):.1%} ({gain:+.1f} points)",
                      ">= +10 points", gain >= 10))
     if r("lora", "domain_loss") is not None:
         forgetting = r("lora", "sft_loss") - r("sft", "sft_loss")

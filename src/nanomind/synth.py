@@ -4,7 +4,7 @@
 training stage reads, in the JSONL layouts MiniMind's own datasets use, so the same readers serve both:
 
     pretrain.jsonl     {"text"}: facts about the world stated many ways, worked arithmetic, drills of the
-                       one-step facts worked solutions chain, short stories
+                       one-step facts that worked solutions are chained from, short stories
     sft.jsonl          {"conversations"}: questions about those facts, arithmetic with step-by-step
                        `reasoning_content`, identity, multi-turn chats, calculator / unit-converter tool calls
     dpo.jsonl          {"chosen", "rejected"}: one prompt, the rejected answer wrong, in the wrong language
@@ -744,7 +744,8 @@ def tool_conversation(world: World, rng: random.Random, zh: bool, split: str) ->
 
 def pretrain_record(world: World, rng: random.Random, split: str) -> dict:
     zh = rng.random() < 0.5
-    kind = rng.choices(["person", "town", "animal", "story", "worked", "sums", "units"],
+    # Stories are the longest records and teach no fact the others do not, so they give up tokens to drills.
+    kind = rng.choices(["person", "town", "animal", "story", "worked", "drills", "units"],
                        weights=[30, 10, 5, 14, 20, 14, 7])[0]
     sep = "" if zh else " "
     if kind == "person":
@@ -770,12 +771,14 @@ def pretrain_record(world: World, rng: random.Random, split: str) -> dict:
     elif kind == "worked":
         p = draw_problem(rng, world.seed, split)
         text = (f"我们来算 {p.text}。" if zh else f"Let us work out {p.text}. ") + explain(p, zh)
-    elif kind == "sums":
-        # The one-step facts that worked solutions chain (a ± tens, a ± one digit, the times table, tens
-        # × one digit), stated bare: a model this small learns them only from many repetitions, and a
-        # held-out problem is then solved step by step from them.
+    elif kind == "drills":
+        # The one-step facts that worked solutions are chained from (a ± tens, a ± one digit, the times
+        # table, tens × one digit, the sum of the parts), stated bare: a model this small learns them only
+        # from many repetitions, and a held-out problem is then solved step by step from them. The
+        # held-out text states its problems whole, so that it stays held out.
         problems = [draw_problem(rng, world.seed, split) for _ in range(rng.randint(2, 4))]
-        steps = [step for p in problems for step in ([s for _, s in worked_steps(p)] or [p])]
+        steps = [step for p in problems for step in ([s for _, s in worked_steps(p)] or [p])] \
+            if split == "train" else problems
         text = ("，" if zh else ", ").join(f"{p.text} = {p.result}" for p in steps) + ("。" if zh else ".")
     else:
         facts = rng.sample(CONVERSIONS, 3)
