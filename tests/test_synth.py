@@ -322,7 +322,6 @@ def test_some_files_only_are_the_same_files(curriculum, tmp_path):
         synthesize(tmp_path / "bad", size="tiny", stems=["sfft"])
 
 
-
 def test_every_town_is_said_to_hold_only_its_residents():
     world = World.build(0, "small")  # it has towns of one resident, as the tiny one has not
     rng = random.Random(0)

@@ -776,10 +776,10 @@ def pretrain_record(world: World, rng: random.Random, split: str) -> dict:
         # table, tens × one digit, the sum of the parts), stated bare: a model this small learns them only
         # from many repetitions, and a held-out problem is then solved step by step from them. The
         # held-out text states its problems whole, so that it stays held out.
-        problems = [draw_problem(rng, world.seed, split) for _ in range(rng.randint(2, 4))]
-        steps = [step for p in problems for step in ([s for _, s in worked_steps(p)] or [p])] \
-            if split == "train" else problems
-        text = ("，" if zh else ", ").join(f"{p.text} = {p.result}" for p in steps) + ("。" if zh else ".")
+        facts = [draw_problem(rng, world.seed, split) for _ in range(rng.randint(2, 4))]
+        if split == "train":
+            facts = [step for p in facts for step in ([s for _, s in worked_steps(p)] or [p])]
+        text = ("，" if zh else ", ").join(f"{p.text} = {p.result}" for p in facts) + ("。" if zh else ".")
     else:
         facts = rng.sample(CONVERSIONS, 3)
         text = sep.join(f"1 {UNITS[big][3]}等于 {f} {UNITS[small][3]}。" if zh else
