@@ -2,8 +2,9 @@
 
 One run on this machine, starting from the SFT model that `bench_finetune.py` trains (run it first,
 same --work folder):
-  GRPO      `nanomind rl --algo grpo --reward math` on rl.jsonl; exact-match accuracy on the held-out
-            arithmetic questions of eval_rl.jsonl before and after (target: +10 points or more)
+  GRPO      `nanomind rl --algo grpo --reward math` on the arithmetic prompts of rl.jsonl; exact-match
+            accuracy on the held-out arithmetic questions of eval_rl.jsonl before and after (target: +10
+            points or more)
   agent     `nanomind rl --agent` on agent_rl.jsonl; held-out tool-task success (eval_agent_rl.jsonl)
             before and after
   rollouts  G = 8 samples of each of 8 prompts: decoded together by the batched KV-cache generator vs
@@ -17,29 +18,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
 from bench_core import RESULTS_PATH, outcome_table, replace_section
 from nanomind.checkpoint import load_model
-from nanomind.demo import run_command
+from nanomind.demo import run_command, write_arithmetic_prompts
 from nanomind.evaluation import answer_accuracy, tool_use_accuracy
 from nanomind.generation import SamplingParams, generate
+from nanomind.report import is_arithmetic
 from nanomind.tokenizer import Tokenizer
-
-ARITHMETIC = re.compile(r"\d+\s*[-+×x*/÷]\s*\d+")
 
 
 def records(path: Path, keep=lambda record: True) -> list[tuple[str, dict]]:
     with open(path, encoding="utf-8") as f:
         return [(f"{path}:{i}", r) for i, line in enumerate(f, 1) if keep(r := json.loads(line))]
-
-
-def is_arithmetic(record: dict) -> bool:
-    question = next(m["content"] for m in record["conversations"] if m["role"] == "user")
-    return bool(ARITHMETIC.search(question))
 
 
 def rollout_speed(model, tokenizer, prompts: list[str], group: int, max_new_tokens: int) -> tuple[float, float]:
@@ -73,17 +67,18 @@ def main() -> None:
     agent_cases = records(data / "eval_agent_rl.jsonl")
 
     grpo, agent = work / "grpo", work / "agent"
-    common = ["--init-from", str(sft), "--lr", "2e-5", "--warmup-steps", "5", "--device", "cpu",
-              "--eval-every", "1000000"]
+    common = ["--init-from", str(sft), "--warmup-steps", "5", "--device", "cpu", "--eval-every", "1000000"]
     if not (grpo / "model" / "config.json").exists():
-        run_command(["rl", "--algo", "grpo", "--data", str(data / "rl.jsonl"), "--reward", "math",
-                     "--num-generations", "8", "--batch-size", "8", "--max-new-tokens", "48",
-                     "--max-steps", str(steps["grpo"]), "--out", str(grpo), *common])
+        # as the demo trains it: on the RL prompts that are arithmetic, lr 1e-4 with a KL pull (beta 0.04)
+        prompts = write_arithmetic_prompts(data / "rl.jsonl", grpo / "arithmetic.jsonl")
+        run_command(["rl", "--algo", "grpo", "--data", str(prompts), "--reward", "math",
+                     "--num-generations", "8", "--batch-size", "8", "--max-new-tokens", "48", "--lr", "1e-4",
+                     "--beta", "0.04", "--max-steps", str(steps["grpo"]), "--out", str(grpo), *common])
     if not (agent / "model" / "config.json").exists():
         run_command(["rl", "--agent", "--algo", "grpo", "--data", str(data / "agent_rl.jsonl"),
                      "--num-generations", "4", "--batch-size", "4", "--max-turns", "3", "--max-new-tokens", "64",
                      "--max-prompt-len", "1024", "--max-total-len", "1536",
-                     "--max-steps", str(steps["agent"]), "--out", str(agent), *common])
+                     "--lr", "2e-5", "--max-steps", str(steps["agent"]), "--out", str(agent), *common])
 
     base = load_model(sft)
     math_before = answer_accuracy(base, tokenizer, arithmetic, "math", greedy)
@@ -112,8 +107,9 @@ def main() -> None:
         "## Reinforcement learning", "",
         f"From the SFT model of the fine-tuning benchmark, CPU, one run ({(time.perf_counter() - started) / 60:.0f} min): "
         f"`python benchmarks/bench_rl.py{' --quick' if args.quick else ''} --write`. GRPO: {steps['grpo']} steps "
-        "(8 prompts x 8 samples per rollout, 2 passes x 2 minibatches, math reward, lr 2e-5). Agent RL: "
-        f"{steps['agent']} steps of GRPO on multi-turn tool rollouts (4 x 4, up to 3 turns). Accuracies are "
+        "on the RL prompts that are arithmetic (8 prompts x 8 samples per rollout, 2 passes x 2 minibatches, "
+        "math reward, lr 1e-4, beta 0.04). Agent RL: "
+        f"{steps['agent']} steps of GRPO on multi-turn tool rollouts (4 x 4, up to 3 turns, lr 2e-5). Accuracies are "
         "greedy answers on the held-out files.", "", *table, ""])
     print("\n" + section)
     if args.write:
