@@ -11,6 +11,9 @@ same --work folder):
             one sample at a time (target >= 4x)
 
   python benchmarks/bench_rl.py [--quick] [--write] [--work DIR]
+
+Models already trained in the --work folder are reused: delete its grpo/ and agent/ after changing
+the settings below.
 """
 
 from __future__ import annotations
@@ -69,9 +72,9 @@ def main() -> None:
     grpo, agent = work / "grpo", work / "agent"
     common = ["--init-from", str(sft), "--warmup-steps", "5", "--device", "cpu", "--eval-every", "1000000"]
     if not (grpo / "model" / "config.json").exists():
-        # as the demo trains it: on the RL prompts that are arithmetic, lr 1e-4 with a KL pull (beta 0.04)
-        prompts = write_arithmetic_prompts(data / "rl.jsonl", grpo / "arithmetic.jsonl")
-        run_command(["rl", "--algo", "grpo", "--data", str(prompts), "--reward", "math",
+        # the demo's GRPO settings: the RL prompts that are arithmetic, lr 1e-4, a KL pull (beta 0.04)
+        arithmetic_prompts = write_arithmetic_prompts(data / "rl.jsonl", grpo / "arithmetic.jsonl")
+        run_command(["rl", "--algo", "grpo", "--data", str(arithmetic_prompts), "--reward", "math",
                      "--num-generations", "8", "--batch-size", "8", "--max-new-tokens", "48", "--lr", "1e-4",
                      "--beta", "0.04", "--max-steps", str(steps["grpo"]), "--out", str(grpo), *common])
     if not (agent / "model" / "config.json").exists():
