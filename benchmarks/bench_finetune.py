@@ -212,7 +212,7 @@ def main() -> None:
     section = "\n".join([
         "## Fine-tuning: LoRA, DPO, distillation", "",
         f"On the built-in curriculum ({'tiny' if args.quick else 'small'}), CPU, one run "
-        f"({elapsed / 60:.0f} min; runs already finished in its --work folder are reused; about 32 min from scratch): "
+        f"({elapsed / 60:.0f} min; runs already finished in its --work folder are reused): "
         f"`python benchmarks/bench_finetune.py{' --quick' if args.quick else ''} --write`. "
         f"Tokenizer: 2048 tokens, Qwen2's splitting (one token per digit). "
         f"Base: `tiny` preset, {steps['pretrain']} pretraining steps on the curriculum's text, "
