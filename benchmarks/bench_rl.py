@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench_core import RESULTS_PATH, outcome_table, replace_section
 from nanomind.checkpoint import load_model
-from nanomind.demo import run_command, write_arithmetic_prompts
+from nanomind.demo import GRPO_SETTINGS, run_command, write_arithmetic_prompts
 from nanomind.evaluation import answer_accuracy, tool_use_accuracy
 from nanomind.generation import SamplingParams, generate
 from nanomind.report import is_arithmetic
@@ -72,11 +72,10 @@ def main() -> None:
     grpo, agent = work / "grpo", work / "agent"
     common = ["--init-from", str(sft), "--warmup-steps", "5", "--device", "cpu", "--eval-every", "1000000"]
     if not (grpo / "model" / "config.json").exists():
-        # the demo's GRPO settings: the RL prompts that are arithmetic, lr 1e-4, a KL pull (beta 0.04)
+        # as the demo trains it: on the RL prompts that are arithmetic, with its GRPO settings
         arithmetic_prompts = write_arithmetic_prompts(data / "rl.jsonl", grpo / "arithmetic.jsonl")
-        run_command(["rl", "--algo", "grpo", "--data", str(arithmetic_prompts), "--reward", "math",
-                     "--num-generations", "8", "--batch-size", "8", "--max-new-tokens", "48", "--lr", "1e-4",
-                     "--beta", "0.04", "--max-steps", str(steps["grpo"]), "--out", str(grpo), *common])
+        run_command(["rl", "--algo", "grpo", "--data", str(arithmetic_prompts), *GRPO_SETTINGS, "--batch-size", "8",
+                     "--max-steps", str(steps["grpo"]), "--out", str(grpo), *common])
     if not (agent / "model" / "config.json").exists():
         run_command(["rl", "--agent", "--algo", "grpo", "--data", str(data / "agent_rl.jsonl"),
                      "--num-generations", "4", "--batch-size", "4", "--max-turns", "3", "--max-new-tokens", "64",

@@ -88,6 +88,13 @@ def stage(out: Path, name: str, argv_or_fn) -> Path:
 
 DISTILL_LABELED = 200  # answered conversations the student has of its own
 
+# GRPO on arithmetic, as the demo and benchmarks/bench_rl.py run it. lr 1e-4 with a KL pull to the
+# starting model (beta 0.04): of the settings tried from one DPO model (the README's demo section has
+# the figures), the largest gain that kept the general held-out loss close to the DPO model's; without
+# the pull a larger gain cost much of that loss.
+GRPO_SETTINGS = ["--reward", "math", "--num-generations", "8", "--max-new-tokens", "48", "--temperature", "1.0",
+                 "--lr", "1e-4", "--beta", "0.04"]
+
 
 def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str = "cpu") -> Path:
     out = Path(out_dir)
@@ -171,13 +178,9 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
     arithmetic = out / "grpo" / "arithmetic.jsonl"
     if not (out / "grpo" / "DONE").exists():
         write_arithmetic_prompts(data / "rl.jsonl", arithmetic)
-    # lr 1e-4 with a KL pull to the DPO model (beta 0.04): of the settings tried from one DPO model (the
-    # README's demo section has the figures), the largest gain that kept the general held-out loss close
-    # to the DPO model's; without the pull a larger gain cost much of that loss.
     stage(out, "grpo", training("rl", "grpo", "--algo", "grpo", "--data", str(arithmetic),
-                                "--init-from", str(out / "dpo" / "model"), "--reward", "math", "--num-generations", "8",
-                                "--batch-size", "4", "--max-new-tokens", "48", "--temperature", "1.0", "--lr", "1e-4",
-                                "--beta", "0.04", "--warmup-steps", "5"))
+                                "--init-from", str(out / "dpo" / "model"), *GRPO_SETTINGS, "--batch-size", "4",
+                                "--warmup-steps", "5"))
     stage(out, "agent", training("rl", "agent", "--agent", "--algo", "grpo", "--data", str(data / "agent_rl.jsonl"),
                                  "--init-from", str(out / "grpo" / "model"), "--num-generations", "4",
                                  "--batch-size", "4", "--max-turns", "3", "--max-new-tokens", "64",
