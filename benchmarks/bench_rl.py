@@ -27,10 +27,10 @@ from pathlib import Path
 
 from bench_core import RESULTS_PATH, outcome_table, replace_section
 from nanomind.checkpoint import load_model
-from nanomind.demo import GRPO_SETTINGS, run_command, write_arithmetic_prompts
+from nanomind.demo import AGENT_SETTINGS, GRPO_SETTINGS, run_command, write_arithmetic_prompts
 from nanomind.evaluation import answer_accuracy, tool_use_accuracy
 from nanomind.generation import SamplingParams, generate
-from nanomind.report import is_arithmetic
+from nanomind.report import TOOL_REPLY_TOKENS, is_arithmetic
 from nanomind.tokenizer import Tokenizer
 
 
@@ -77,16 +77,15 @@ def main() -> None:
         run_command(["rl", "--algo", "grpo", "--data", str(arithmetic_prompts), *GRPO_SETTINGS, "--batch-size", "8",
                      "--max-steps", str(steps["grpo"]), "--out", str(grpo), *common])
     if not (agent / "model" / "config.json").exists():
-        run_command(["rl", "--agent", "--algo", "grpo", "--data", str(data / "agent_rl.jsonl"),
-                     "--num-generations", "4", "--batch-size", "4", "--max-turns", "3", "--max-new-tokens", "64",
-                     "--max-prompt-len", "1024", "--max-total-len", "1536",
-                     "--lr", "2e-5", "--max-steps", str(steps["agent"]), "--out", str(agent), *common])
+        run_command(["rl", "--agent", "--algo", "grpo", "--data", str(data / "agent_rl.jsonl"), *AGENT_SETTINGS,
+                     "--batch-size", "4", "--max-steps", str(steps["agent"]), "--out", str(agent), *common])
 
     base = load_model(sft)
     math_before = answer_accuracy(base, tokenizer, arithmetic, "math", greedy)
     math_after = answer_accuracy(load_model(grpo / "model"), tokenizer, arithmetic, "math", greedy)
-    tools_before = tool_use_accuracy(base, tokenizer, agent_cases, params=greedy)
-    tools_after = tool_use_accuracy(load_model(agent / "model"), tokenizer, agent_cases, params=greedy)
+    tool_greedy = SamplingParams(max_new_tokens=TOOL_REPLY_TOKENS, temperature=0)
+    tools_before = tool_use_accuracy(base, tokenizer, agent_cases, params=tool_greedy)
+    tools_after = tool_use_accuracy(load_model(agent / "model"), tokenizer, agent_cases, params=tool_greedy)
     prompts = [tokenizer.apply_chat_template(r["conversations"][:-1], add_generation_prompt=True)
                for _, r in arithmetic[:8]]
     together, alone = rollout_speed(base, tokenizer, prompts, group=8, max_new_tokens=48)
@@ -111,7 +110,7 @@ def main() -> None:
         f"`python benchmarks/bench_rl.py{' --quick' if args.quick else ''} --write`. GRPO: {steps['grpo']} steps "
         "on the RL prompts that are arithmetic (8 prompts x 8 samples per rollout, 2 passes x 2 minibatches, "
         "math reward, lr 1e-4, beta 0.04). Agent RL: "
-        f"{steps['agent']} steps of GRPO on multi-turn tool rollouts (4 x 4, up to 3 turns, lr 2e-5). Accuracies are "
+        f"{steps['agent']} steps of GRPO on multi-turn tool rollouts with the demo's settings (4 x 4, up to 3 turns, lr 1e-4, no KL). Accuracies are "
         "greedy answers on the held-out files.", "", *table, ""])
     print("\n" + section)
     if args.write:

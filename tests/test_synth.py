@@ -198,6 +198,14 @@ def convert(value, src, dst):
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
+def run_tool(call):
+    args = call["arguments"]
+    if call["name"] == "calculate_math":
+        a, op, b = args["expression"].split()
+        return str(OPS["×" if op == "*" else op](int(a), int(b)))
+    return convert(args["value"], args["from_unit"], args["to_unit"])
+
+
 def test_arithmetic_tool_results_and_ground_truths_are_correct(curriculum):
     out, manifest = curriculum
     checked = 0
@@ -208,13 +216,6 @@ def test_arithmetic_tool_results_and_ground_truths_are_correct(curriculum):
                     assert OPS[op](int(a), int(b)) == int(result), (name, text)
                     checked += 1
     assert checked > 1000
-
-    def run_tool(call):
-        args = call["arguments"]
-        if call["name"] == "calculate_math":
-            a, op, b = args["expression"].split()
-            return str(OPS["×" if op == "*" else op](int(a), int(b)))
-        return convert(args["value"], args["from_unit"], args["to_unit"])
 
     for stem in ("sft", "agent_rl"):
         for name in (f"{stem}.jsonl", f"eval_{stem}.jsonl"):
@@ -358,3 +359,22 @@ def test_pretraining_drills_the_steps_that_worked_solutions_are_chained_from(cur
     # never a problem of the kind held out (needing steps of its own), only the steps
     assert not any(Problem(a, op, b).holdable for a, op, b in stated)
     assert any("work out" in text or "我们来算" in text for text in texts)  # the worked solutions are still there
+
+
+WORKED_CALL = re.compile(r"(calculate_math|unit_converter)\((\{.*?\})\)(?: returns |，得到 )(\{.*?\})")
+
+
+def test_pretraining_works_tool_uses_in_prose_with_correct_calls(curriculum):
+    out, _ = curriculum
+    texts = [r["text"] for r in read(out, "pretrain.jsonl")]
+    worked = [(text, WORKED_CALL.findall(text)) for text in texts if WORKED_CALL.search(text)]
+    assert len(worked) > 30 and {"calculate_math", "unit_converter"} == {c[0] for _, cs in worked for c in cs}
+    for text, calls in worked:
+        for name, arguments, returned in calls:
+            result = json.loads(returned)["result"]
+            assert result == run_tool({"name": name, "arguments": json.loads(arguments)}), text
+            assert result in text[text.rindex(returned) + len(returned):]  # the answer after the call uses it
+    # no held-out tool task is worked in the pretraining text
+    for record in read(out, "eval_agent_rl.jsonl"):
+        question = record["conversations"][-2]["content"]
+        assert not any(question in text for text, _ in worked), question

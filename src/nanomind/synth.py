@@ -745,8 +745,8 @@ def tool_conversation(world: World, rng: random.Random, zh: bool, split: str) ->
 def pretrain_record(world: World, rng: random.Random, split: str) -> dict:
     zh = rng.random() < 0.5
     # Stories are the longest records and teach no fact the others do not, so they give up tokens to drills.
-    kind = rng.choices(["person", "town", "animal", "story", "worked", "drills", "units"],
-                       weights=[30, 10, 5, 14, 20, 14, 7])[0]
+    kind = rng.choices(["person", "town", "animal", "story", "worked", "drills", "units", "tool_use"],
+                       weights=[27, 10, 5, 9, 20, 14, 7, 8])[0]
     sep = "" if zh else " "
     if kind == "person":
         person = rng.choice(world.people)
@@ -780,11 +780,27 @@ def pretrain_record(world: World, rng: random.Random, split: str) -> dict:
         if split == "train":
             facts = [step for p in facts for step in ([s for _, s in worked_steps(p)] or [p])]
         text = ("，" if zh else ", ").join(f"{p.text} = {p.result}" for p in facts) + ("。" if zh else ".")
+    elif kind == "tool_use":
+        text = worked_tool_use(world, rng, zh, split)
     else:
         facts = rng.sample(CONVERSIONS, 3)
         text = sep.join(f"1 {UNITS[big][3]}等于 {f} {UNITS[small][3]}。" if zh else
                         f"One {UNITS[big][1]} is {f} {UNITS[small][2]}." for big, small, f in facts)
     return {"text": text}
+
+
+def worked_tool_use(world: World, rng: random.Random, zh: bool, split: str) -> str:
+    """A tool task worked in prose: the question, the call with its JSON arguments, what the tool returned
+    and the answer. SFT has few tool conversations (each carries the long tool schema), too few for a
+    model this small to learn to copy 3-4 digit operands and unit names into a call; plain text teaches
+    that copying where tokens are cheap."""
+    task = tool_task(world, rng, zh, split)
+    calls = [f"{c['name']}({json.dumps(c['arguments'], ensure_ascii=False)})" for c in task.calls]
+    if zh:
+        steps = "".join(f"调用 {c}，得到 {r}。" for c, r in zip(calls, task.results))
+        return f"{task.question}{steps}{task.answer}"
+    steps = " ".join(f"Calling {c} returns {r}." for c, r in zip(calls, task.results))
+    return f"{task.question} {steps} {task.answer}"
 
 
 def story(world: World, rng: random.Random, zh: bool) -> str:
