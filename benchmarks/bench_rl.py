@@ -108,10 +108,10 @@ def main() -> None:
         "## Reinforcement learning", "",
         f"From the SFT model of the fine-tuning benchmark, CPU, one run ({(time.perf_counter() - started) / 60:.0f} min): "
         f"`python benchmarks/bench_rl.py{' --quick' if args.quick else ''} --write`. GRPO: {steps['grpo']} steps "
-        "on the RL prompts that are arithmetic (8 prompts x 8 samples per rollout, 2 passes x 2 minibatches, "
-        "math reward, lr 1e-4, beta 0.04). Agent RL: "
-        f"{steps['agent']} steps of GRPO on multi-turn tool rollouts with the demo's settings (4 x 4, up to 3 turns, lr 1e-4, no KL). Accuracies are "
-        "greedy answers on the held-out files.", "", *table, ""])
+        "on the RL prompts that are arithmetic (8 prompts per rollout, 2 passes x 2 minibatches, "
+        f"math reward: `{' '.join(GRPO_SETTINGS)}`). Agent RL: {steps['agent']} steps of GRPO on multi-turn tool "
+        f"rollouts of 4 prompts, with the demo's settings (`{' '.join(AGENT_SETTINGS)}`). Accuracies are greedy "
+        f"answers on the held-out files (tool replies of up to {TOOL_REPLY_TOKENS} tokens).", "", *table, ""])
     print("\n" + section)
     if args.write:
         replace_section(RESULTS_PATH, "## Reinforcement learning", section)

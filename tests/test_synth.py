@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from nanomind.data import read_records
-from nanomind.synth import SIZES, UNITS, CONVERSIONS, Problem, World, pretrain_record, synthesize
+from nanomind.synth import SIZES, UNITS, CONVERSIONS, Conversion, Problem, World, pretrain_record, synthesize
 from nanomind.tokenizer import train_tokenizer
 
 STEMS = ["pretrain", "sft", "dpo", "rl", "agent_rl", "lora_domain"]
@@ -361,20 +361,44 @@ def test_pretraining_drills_the_steps_that_worked_solutions_are_chained_from(cur
     assert any("work out" in text or "我们来算" in text for text in texts)  # the worked solutions are still there
 
 
-WORKED_CALL = re.compile(r"(calculate_math|unit_converter)\((\{.*?\})\)(?: returns |，得到 )(\{.*?\})")
+WORKED_CALL = re.compile(r"(calculate_math|unit_converter)\((\{.*?\})\)(?: returns |，得到 )(\{.*?\})(?:\.|。)")
+
+
+def held_out_item(call, seed):
+    """Whether a tool call's problem or conversion is one that evaluation holds out."""
+    args = call["arguments"]
+    if call["name"] == "calculate_math":
+        a, op, b = args["expression"].split()
+        return Problem(int(a), "×" if op == "*" else op, int(b)).split(seed) == "eval"
+    result = float(run_tool(call))
+    return Conversion(float(args["value"]), args["from_unit"], args["to_unit"], result).split(seed) == "eval"
 
 
 def test_pretraining_works_tool_uses_in_prose_with_correct_calls(curriculum):
-    out, _ = curriculum
+    out, manifest = curriculum
     texts = [r["text"] for r in read(out, "pretrain.jsonl")]
-    worked = [(text, WORKED_CALL.findall(text)) for text in texts if WORKED_CALL.search(text)]
-    assert len(worked) > 30 and {"calculate_math", "unit_converter"} == {c[0] for _, cs in worked for c in cs}
-    for text, calls in worked:
-        for name, arguments, returned in calls:
-            result = json.loads(returned)["result"]
-            assert result == run_tool({"name": name, "arguments": json.loads(arguments)}), text
-            assert result in text[text.rindex(returned) + len(returned):]  # the answer after the call uses it
-    # no held-out tool task is worked in the pretraining text
-    for record in read(out, "eval_agent_rl.jsonl"):
-        question = record["conversations"][-2]["content"]
-        assert not any(question in text for text, _ in worked), question
+    worked = [(text, list(WORKED_CALL.finditer(text))) for text in texts if WORKED_CALL.search(text)]
+    assert len(worked) > 30 and {"calculate_math", "unit_converter"} == {m[1] for _, ms in worked for m in ms}
+    for text, matches in worked:
+        answer = text[matches[-1].end():]  # what follows the last call: the answer, which uses every result
+        for m in matches:
+            call = {"name": m[1], "arguments": json.loads(m[2])}
+            result = json.loads(m[3])["result"]
+            assert result == run_tool(call), text
+            assert re.search(rf"(?<![\d.]){re.escape(result)}(?![\d]|\.\d)", answer), text
+            assert not held_out_item(call, manifest["seed"]), text
+    # while the calls of held-out tool conversations are all held-out items, so none is worked above
+    held_out_calls = [call for record in read(out, "eval_sft.jsonl") for message in record["conversations"]
+                      for call in json.loads(message.get("tool_calls") or "[]")]
+    assert held_out_calls and all(held_out_item(call, manifest["seed"]) for call in held_out_calls)
+
+
+def test_a_conversion_and_its_inverse_are_held_out_together():
+    seed, held = 0, 0
+    for big, small, factor in CONVERSIONS:
+        for amount in range(2, 41):
+            down = Conversion(amount, big, small, amount * factor)
+            up = Conversion(amount * factor, small, big, amount)
+            assert down.split(seed) == up.split(seed)
+            held += down.split(seed) == "eval"
+    assert held > 0

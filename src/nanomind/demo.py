@@ -96,9 +96,9 @@ DISTILL_LABELED = 200  # answered conversations the student has of its own
 GRPO_SETTINGS = ["--reward", "math", "--num-generations", "8", "--max-new-tokens", "48", "--temperature", "1.0",
                  "--lr", "1e-4", "--beta", "0.04"]
 
-# Agent RL with tools, as the demo and benchmarks/bench_rl.py run it. lr 1e-4 and no KL pull: GRPO on
-# arithmetic alone leaves a model that calls tools less often than the SFT model did, and a pull
-# towards it held that back (the README's demo section has the figures).
+# Agent RL with tools, as the demo and benchmarks/bench_rl.py run it. No KL pull: its reference would be
+# the model it starts from, which GRPO on arithmetic alone has left calling tools less often than the
+# SFT model did, and agent RL has to undo that (the README's demo section has the runs behind this).
 AGENT_SETTINGS = ["--num-generations", "4", "--max-turns", "3", "--max-new-tokens", str(TOOL_REPLY_TOKENS),
                   "--max-prompt-len", "1024", "--max-total-len", "1536", "--lr", "1e-4", "--beta", "0"]
 
@@ -282,7 +282,8 @@ def chat_samples(checkpoint: Path, conversations: list[list[dict]], agent_file: 
                     "<think>" + generate(model, tokenizer, [thinking], params)[0].text.strip()))
     with open(agent_file, encoding="utf-8") as f:
         task = json.loads(f.readline())["conversations"]
-    (trajectory,) = run_agents(model, tokenizer, [task], builtin_tools(), params, max_turns=3)
+    (trajectory,) = run_agents(model, tokenizer, [task], builtin_tools(),
+                               SamplingParams(max_new_tokens=TOOL_REPLY_TOKENS, temperature=0), max_turns=3)
     shown = " | ".join(trajectory.replies)
     samples.append((next(m["content"] for m in task if m["role"] == "user") + "  (with tools)",
                     " -> ".join(f"{c.name}({json.dumps(c.arguments, ensure_ascii=False)}) = {r}"

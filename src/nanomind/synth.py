@@ -546,7 +546,8 @@ class Conversion:
     def split(self, seed: int) -> str:
         # "1 km = 1000 m" is stated outright in pretraining text, so one-unit conversions stay in training.
         holdable = 1 not in (self.value, self.result)
-        key = f"{_fmt(self.value)}{self.src}>{self.dst}"
+        # 7 km -> m and 7000 m -> km are the same item: knowing one gives away the other.
+        key = ">".join(sorted([f"{_fmt(self.value)} {self.src}", f"{_fmt(self.result)} {self.dst}"]))
         return "eval" if holdable and _hash_fraction(seed, key) < EVAL_FRACTION else "train"
 
 
@@ -744,7 +745,8 @@ def tool_conversation(world: World, rng: random.Random, zh: bool, split: str) ->
 
 def pretrain_record(world: World, rng: random.Random, split: str) -> dict:
     zh = rng.random() < 0.5
-    # Stories are the longest records and teach no fact the others do not, so they give up tokens to drills.
+    # Stories are the longest records and teach no fact the others do not, so they give up tokens to drills
+    # and, with people's facts (which the other kinds repeat too), to worked tool uses.
     kind = rng.choices(["person", "town", "animal", "story", "worked", "drills", "units", "tool_use"],
                        weights=[27, 10, 5, 9, 20, 14, 7, 8])[0]
     sep = "" if zh else " "
