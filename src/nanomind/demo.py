@@ -54,7 +54,7 @@ SIZES = {
                  student_layers="0,3", prompts=2400,
                  seconds=dict(pretrain=225, pretrain_more=225, sft=200, lora=30, dpo=30, distill=60, student=60, grpo=150,
                               agent=120), batch=dict(pretrain=4, chat=2), eval_limit=200,
-                 deadline=1170, reserve=dict(teacher_answers=90, eval_and_report=100, per_stage=6, tokens_per_s=6800)),
+                 deadline=1170, reserve=dict(teacher_answers=90, eval_and_report=120, per_stage=6, tokens_per_s=6800)),
     # MiniMind2-small's 26M model on the larger curriculum: about an hour on a 2-core CPU; on a GPU the
     # same time budgets train many more steps.
     "small": dict(curriculum="medium", more_text=None, vocab=6400, preset="small", model=[],
