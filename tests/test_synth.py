@@ -198,11 +198,16 @@ def convert(value, src, dst):
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
+def calculator_problem(expression):
+    a, op, b = expression.split()
+    return Problem(int(a), "×" if op == "*" else op, int(b))
+
+
 def run_tool(call):
     args = call["arguments"]
     if call["name"] == "calculate_math":
-        a, op, b = args["expression"].split()
-        return str(OPS["×" if op == "*" else op](int(a), int(b)))
+        p = calculator_problem(args["expression"])
+        return str(OPS[p.op](p.a, p.b))
     return convert(args["value"], args["from_unit"], args["to_unit"])
 
 
@@ -368,8 +373,7 @@ def held_out_item(call, seed):
     """Whether a tool call's problem or conversion is one that evaluation holds out."""
     args = call["arguments"]
     if call["name"] == "calculate_math":
-        a, op, b = args["expression"].split()
-        return Problem(int(a), "×" if op == "*" else op, int(b)).split(seed) == "eval"
+        return calculator_problem(args["expression"]).split(seed) == "eval"
     result = float(run_tool(call))
     return Conversion(float(args["value"]), args["from_unit"], args["to_unit"], result).split(seed) == "eval"
 
