@@ -30,7 +30,7 @@ from nanomind.checkpoint import load_model
 from nanomind.demo import AGENT_SETTINGS, GRPO_SETTINGS, run_command, write_arithmetic_prompts
 from nanomind.evaluation import answer_accuracy, tool_use_accuracy
 from nanomind.generation import SamplingParams, generate
-from nanomind.report import TOOL_REPLY_TOKENS, is_arithmetic
+from nanomind.report import ARITHMETIC_REPLY_TOKENS, TOOL_REPLY_TOKENS, is_arithmetic, shows_steps
 from nanomind.tokenizer import Tokenizer
 
 
@@ -65,7 +65,7 @@ def main() -> None:
     if not (sft / "config.json").exists():
         raise SystemExit(f"{sft} is missing: run benchmarks/bench_finetune.py --work {work} first")
     tokenizer = Tokenizer.load(sft)
-    greedy = SamplingParams(max_new_tokens=64, temperature=0)
+    greedy = SamplingParams(max_new_tokens=ARITHMETIC_REPLY_TOKENS, temperature=0)
     arithmetic = records(data / "eval_rl.jsonl", is_arithmetic)
     agent_cases = records(data / "eval_agent_rl.jsonl")
 
@@ -91,10 +91,14 @@ def main() -> None:
     together, alone = rollout_speed(base, tokenizer, prompts, group=8, max_new_tokens=48)
 
     gain = 100 * (math_after["accuracy"] - math_before["accuracy"])
+    steps_shown = [sum(shows_steps(c["reply"]) for c in m["details"]) / len(m["details"])
+                   for m in (math_before, math_after)]
     rows = [
         (f"GRPO: held-out arithmetic exact match ({len(arithmetic)} questions)",
          f"{math_before['accuracy']:.1%} -> {math_after['accuracy']:.1%}", f"{gain:+.1f} points", ">= +10 points",
          gain >= 10),
+        ("GRPO: held-out arithmetic answers that show their steps", f"{steps_shown[0]:.0%} -> {steps_shown[1]:.0%}",
+         "", "", None),
         (f"Agent RL: held-out tool tasks fully right ({len(agent_cases)} cases)",
          f"{tools_before['all']:.1%} -> {tools_after['all']:.1%}", "", "a gain", tools_after["all"] > tools_before["all"]),
         ("Agent RL: final answer right / valid calls", f"{tools_before['final_answer']:.0%} / "

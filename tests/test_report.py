@@ -2,7 +2,7 @@
 
 import json
 
-from nanomind.report import write_report
+from nanomind.report import shows_steps, write_report
 
 
 def test_report_tables_and_targets_come_from_the_run_files(tmp_path):
@@ -18,7 +18,9 @@ def test_report_tables_and_targets_come_from_the_run_files(tmp_path):
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "results.json").write_text(json.dumps({
         "sft": {"sft_loss": 1.0, "answer_format": 0.97, "preference_accuracy": 0.7},
-        "dpo": {"sft_loss": 1.1, "answer_format": 0.9, "preference_accuracy": 0.78},
+        "dpo": {"sft_loss": 1.1, "answer_format": 0.9, "preference_accuracy": 0.78, "arithmetic_exact": 0.05,
+                "arithmetic_shows_steps": 0.1},
+        "grpo": {"sft_loss": 1.2, "arithmetic_exact": 0.16, "arithmetic_shows_steps": 0.9},
         "distill": {"sft_loss": 2.0}, "student": {"sft_loss": 2.5}}))
     report = write_report(tmp_path, [("What is 2 plus 2?", "4")]).read_text()
 
@@ -27,7 +29,16 @@ def test_report_tables_and_targets_come_from_the_run_files(tmp_path):
     assert "| teacher-answers | 30.9s | - | - | - | - | - |" in report
     assert "| SFT answer-format accuracy | 97% | >= 95% | yes |" in report
     assert "| DPO held-out preference accuracy | 70% -> 78% | >= 80% | **no (shortfall)** |" in report
+    assert ("| GRPO arithmetic exact-match gain | 5.0% -> 16.0% (+11.0 points; answers that show their steps "
+            "10% -> 90%) | >= +10 points | yes |") in report
     # The distilled student (2.0) closes (2.5 - 2.0) / (2.5 - 1.0) = 33% of the plain student's gap.
     assert "| 33% (1.00 / 2.50 / 2.00) | >= 50% | **no (shortfall)** |" in report
     assert (tmp_path / "report" / "02-sft.png").stat().st_size > 1000
     assert "- **user:** What is 2 plus 2?" in report and "**nanomind:** 4" in report
+
+
+def test_an_answer_shows_its_steps_with_two_equations_outside_its_reasoning():
+    worked = "First add the tens: 47 + 30 = 77. Then add the ones: 77 + 8 = 85. So 47 + 38 = 85."
+    assert shows_steps(worked) and shows_steps("<think>\n\n</think>\n\n" + worked)
+    assert not shows_steps("47 + 38 = 85. The answer is 85.")
+    assert not shows_steps(f"<think>\n{worked}\n</think>\n\n47 + 38 = 85.")  # worked out in its reasoning only

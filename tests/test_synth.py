@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from nanomind.data import read_records
-from nanomind.synth import SIZES, UNITS, CONVERSIONS, Conversion, Problem, World, pretrain_record, synthesize
+from nanomind.synth import (SIZES, UNITS, CONVERSIONS, WORKED_ANSWER_SHARE, Conversion, Problem, World, explain,
+                            pretrain_record, synthesize)
 from nanomind.tokenizer import train_tokenizer
 
 STEMS = ["pretrain", "sft", "dpo", "rl", "agent_rl", "lora_domain"]
@@ -364,6 +365,50 @@ def test_pretraining_drills_the_steps_that_worked_solutions_are_chained_from(cur
     # never a problem of the kind held out (needing steps of its own), only the steps
     assert not any(Problem(a, op, b).holdable for a, op, b in stated)
     assert any("work out" in text or "我们来算" in text for text in texts)  # the worked solutions are still there
+
+
+def arithmetic_answers(records):
+    """(problem, assistant message) for each arithmetic question answered without a tool."""
+    for record in records:
+        conv = record.get("conversations") or record["chosen"]
+        for question, answer in zip(conv, conv[1:]):
+            problem = re.search(r"(\d+) ([-+×]) (\d+)", question["content"]) if question["role"] == "user" else None
+            if problem and answer["role"] == "assistant" and not answer.get("tool_calls"):
+                a, op, b = problem.groups()
+                yield Problem(int(a), op, int(b)), answer
+
+
+def is_worked(problem, message):
+    return message["content"] in (explain(problem, False), explain(problem, True))
+
+
+def test_some_arithmetic_answers_show_their_steps_in_place_of_reasoning(curriculum):
+    out, _ = curriculum
+    for stem in ("sft", "dpo"):  # DPO's pairs keep SFT's mix, so that DPO does not unteach the steps
+        worked, stated = [], []
+        for p, m in arithmetic_answers(read(out, f"{stem}.jsonl")):
+            (worked if is_worked(p, m) else stated).append((p, m))
+        share = len(worked) / (len(worked) + len(stated))
+        assert len(worked) >= 10 and abs(share - WORKED_ANSWER_SHARE) < 0.1, (stem, len(worked), len(stated))
+        assert not any(m.get("reasoning_content") for _, m in worked)  # the steps are said once
+        # the others state the result
+        assert all(str(p.result) in m["content"] for p, m in stated)
+    # and those with reasoning work it out there
+    assert any(m.get("reasoning_content") in (explain(p, False), explain(p, True))
+               for p, m in arithmetic_answers(read(out, "sft.jsonl")))
+    # a worked answer DPO prefers against a wrong one: the same steps with a slip in the last, ending wrong
+    slips = 0
+    for record in read(out, "dpo.jsonl"):
+        found = list(arithmetic_answers([record]))
+        if not found or not is_worked(*found[0]):
+            continue
+        p, chosen = found[0]
+        equations = EQUATION.findall(record["rejected"][-1]["content"])
+        if equations and equations[-1][3] != str(p.result):
+            assert equations[:-2] == EQUATION.findall(chosen["content"])[:-2]  # the steps before the slip
+            assert equations[-2][3] == equations[-1][3] or len(equations) == 1  # the slip is carried to the end
+            slips += 1
+    assert slips > 3
 
 
 WORKED_CALL = re.compile(r"(calculate_math|unit_converter)\((\{.*?\})\)(?: returns |，得到 )(\{.*?\})(?:\.|。)")

@@ -31,8 +31,8 @@ import statistics
 import time
 from pathlib import Path
 
-from .report import (TOOL_REPLY_TOKENS, evaluate_stages, held_out_questions, is_arithmetic, stage_metrics,
-                     write_report)
+from .report import (ARITHMETIC_REPLY_TOKENS, TOOL_REPLY_TOKENS, evaluate_stages, held_out_questions, is_arithmetic,
+                     stage_metrics, write_report)
 
 SIZES = {
     # curriculum, the larger one whose pretraining text is read too (the same world, fresh sentences),
@@ -92,9 +92,10 @@ DISTILL_LABELED = 200  # answered conversations the student has of its own
 # GRPO on arithmetic, as the demo and benchmarks/bench_rl.py run it. lr 1e-4 with a KL pull to the
 # starting model (beta 0.04): of the settings tried from one DPO model (the README's demo section has
 # the figures), the largest gain that kept the general held-out loss close to the DPO model's; without
-# the pull a larger gain cost much of that loss.
-GRPO_SETTINGS = ["--reward", "math", "--num-generations", "8", "--max-new-tokens", "48", "--temperature", "1.0",
-                 "--lr", "1e-4", "--beta", "0.04"]
+# the pull a larger gain cost much of that loss. Replies have room to show their steps, which is what
+# GRPO learns to do (synth.WORKED_ANSWER_SHARE).
+GRPO_SETTINGS = ["--reward", "math", "--num-generations", "8", "--max-new-tokens", str(ARITHMETIC_REPLY_TOKENS),
+                 "--temperature", "1.0", "--lr", "1e-4", "--beta", "0.04"]
 
 # Agent RL with tools, as the demo and benchmarks/bench_rl.py run it. No KL pull: its reference would be
 # the model it starts from, which GRPO on arithmetic alone has left calling tools less often than the

@@ -506,14 +506,18 @@ STEP_LABELS = {
 }
 
 
-def explain(p: Problem, zh: bool) -> str:
-    """Step-by-step reasoning that ends in the result; every step is a checkable `a op b = c`."""
+def explain(p: Problem, zh: bool, result: int | None = None) -> str:
+    """Step-by-step reasoning that ends in the result; every step is a checkable `a op b = c`. With
+    `result`, the same steps with a slip in the last one (whose result is always the final one), so
+    that they end in that wrong result instead."""
+    r = p.result if result is None else result
     steps = worked_steps(p)
     if not steps:
-        return f"这是基本运算：{p.text} = {p.result}。" if zh else f"This is a basic fact: {p.text} = {p.result}."
-    lines = [f"{STEP_LABELS[p.op, key][zh]}：{s.text} = {s.result}。" if zh else
-             f"{STEP_LABELS[p.op, key][zh]}: {s.text} = {s.result}." for key, s in steps]
-    lines.append(f"所以 {p.text} = {p.result}。" if zh else f"So {p.text} = {p.result}.")
+        return f"这是基本运算：{p.text} = {r}。" if zh else f"This is a basic fact: {p.text} = {r}."
+    results = [s.result for _, s in steps[:-1]] + [r]
+    lines = [f"{STEP_LABELS[p.op, key][zh]}：{s.text} = {c}。" if zh else
+             f"{STEP_LABELS[p.op, key][zh]}: {s.text} = {c}." for (key, s), c in zip(steps, results)]
+    lines.append(f"所以 {p.text} = {r}。" if zh else f"So {p.text} = {r}.")
     return ("" if zh else " ").join(lines)
 
 
@@ -637,15 +641,30 @@ def fact_qa(world: World, rng: random.Random, zh: bool, split: str, domain: bool
               fact.state(rng, not zh), reasoning)
 
 
-def arithmetic_qa(world: World, rng: random.Random, zh: bool, split: str) -> QA:
+# The share of arithmetic answers, in SFT and in DPO's pairs, that show their steps instead of
+# stating the result (and then need no reasoning block). A model this small answers few held-out sums
+# right in one go but many more when it works them out; with both kinds of answer to choose from, GRPO
+# on arithmetic learns which one earns the reward. DPO's pairs keep the same mix: when they all stated
+# the result, DPO taught the model to stop showing steps before GRPO could learn to.
+WORKED_ANSWER_SHARE = 0.3
+
+
+def arithmetic_qa(world: World, rng: random.Random, zh: bool, split: str, worked: float = 0.0) -> QA:
+    """An arithmetic question; with probability `worked` its answer shows the steps (and it has no separate
+    reasoning), else it states the result and has the steps as its reasoning."""
     p = draw_problem(rng, world.seed, split)
     ask, answers = (ASK_ARITHMETIC_ZH, ANSWER_ARITHMETIC_ZH) if zh else (ASK_ARITHMETIC_EN, ANSWER_ARITHMETIC_EN)
     template = rng.choice(answers)
     wrong = p.result + rng.choice([-10, -2, -1, 1, 2, 10])
     wrong = wrong if wrong >= 0 else p.result + 1
     other = rng.choice(ANSWER_ARITHMETIC_EN if zh else ANSWER_ARITHMETIC_ZH)
-    return QA(rng.choice(ask).format(p=p.text), template.format(p=p.text, r=p.result), str(p.result),
-              template.format(p=p.text, r=wrong), other.format(p=p.text, r=p.result), explain(p, zh))
+    answer, wrong_answer, other_language, reasoning = (template.format(p=p.text, r=p.result),
+                                                       template.format(p=p.text, r=wrong),
+                                                       other.format(p=p.text, r=p.result), explain(p, zh))
+    if worked and rng.random() < worked:
+        answer, wrong_answer, other_language, reasoning = (explain(p, zh), explain(p, zh, result=wrong),
+                                                           explain(p, not zh), "")
+    return QA(rng.choice(ask).format(p=p.text), answer, str(p.result), wrong_answer, other_language, reasoning)
 
 
 def identity_qa(world: World, rng: random.Random, zh: bool, split: str) -> QA:
@@ -858,13 +877,14 @@ def sft_record(world: World, rng: random.Random, split: str) -> dict:
         if split == "train" and rng.random() < 0.6:
             messages += _pair(rng.choice(GREETINGS_ZH if zh else GREETINGS_EN))
         for _ in range(rng.randint(2, 3)):
-            qa = (fact_qa if rng.random() < 0.6 else arithmetic_qa)(world, rng, zh, split)
+            qa = (fact_qa(world, rng, zh, split) if rng.random() < 0.6 else
+                  arithmetic_qa(world, rng, zh, split, worked=WORKED_ANSWER_SHARE))
             messages += [_user(qa.question), _assistant(qa, rng, thinking=0.3)]
         if split == "train" and rng.random() < 0.5:
             messages += _pair(rng.choice(THANKS_ZH if zh else THANKS_EN))
     else:
-        make, thinking = {"fact": (fact_qa, 0.2), "arithmetic": (arithmetic_qa, 0.5),
-                          "identity": (identity_qa, 0)}[kind]
+        make, thinking = {"fact": (fact_qa, 0.2), "identity": (identity_qa, 0),
+                          "arithmetic": (functools.partial(arithmetic_qa, worked=WORKED_ANSWER_SHARE), 0.5)}[kind]
         qa = make(world, rng, zh, split)
         messages += [_user(qa.question), _assistant(qa, rng, thinking)]
     return {"conversations": messages}
@@ -876,7 +896,8 @@ def _pair(exchange: tuple[str, str]) -> list[dict]:
 
 def dpo_record(world: World, rng: random.Random, split: str) -> dict:
     zh = rng.random() < 0.5
-    make = rng.choices([fact_qa, arithmetic_qa, identity_qa], weights=[50, 40, 10])[0]
+    make = rng.choices([fact_qa, functools.partial(arithmetic_qa, worked=WORKED_ANSWER_SHARE), identity_qa],
+                       weights=[50, 40, 10])[0]
     qa = make(world, rng, zh, split)
     flaw = rng.choice(["wrong", "language", "rambling"])
     if flaw == "wrong":
