@@ -30,7 +30,7 @@ from nanomind.checkpoint import load_model
 from nanomind.demo import AGENT_SETTINGS, GRPO_SETTINGS, run_command, write_arithmetic_prompts
 from nanomind.evaluation import answer_accuracy, tool_use_accuracy
 from nanomind.generation import SamplingParams, generate
-from nanomind.report import ARITHMETIC_REPLY_TOKENS, TOOL_REPLY_TOKENS, is_arithmetic, shows_steps
+from nanomind.report import ARITHMETIC_REPLY_TOKENS, TOOL_REPLY_TOKENS, is_arithmetic, steps_share
 from nanomind.tokenizer import Tokenizer
 
 
@@ -91,8 +91,7 @@ def main() -> None:
     together, alone = rollout_speed(base, tokenizer, prompts, group=8, max_new_tokens=48)
 
     gain = 100 * (math_after["accuracy"] - math_before["accuracy"])
-    steps_shown = [sum(shows_steps(c["reply"]) for c in m["details"]) / len(m["details"])
-                   for m in (math_before, math_after)]
+    steps_shown = [steps_share(m["details"]) for m in (math_before, math_after)]
     rows = [
         (f"GRPO: held-out arithmetic exact match ({len(arithmetic)} questions)",
          f"{math_before['accuracy']:.1%} -> {math_after['accuracy']:.1%}", f"{gain:+.1f} points", ">= +10 points",

@@ -390,7 +390,7 @@ def test_some_arithmetic_answers_show_their_steps_in_place_of_reasoning(curricul
             (worked if is_worked(p, m) else stated).append((p, m))
         share = len(worked) / (len(worked) + len(stated))
         assert len(worked) >= 10 and abs(share - WORKED_ANSWER_SHARE) < 0.1, (stem, len(worked), len(stated))
-        assert not any(m.get("reasoning_content") for _, m in worked)  # the steps are said once
+        assert not any(m.get("reasoning_content") for _, m in worked)  # the steps are said once (in SFT)
         # the others state the result
         assert all(str(p.result) in m["content"] for p, m in stated)
     # and those with reasoning work it out there
@@ -403,10 +403,11 @@ def test_some_arithmetic_answers_show_their_steps_in_place_of_reasoning(curricul
         if not found or not is_worked(*found[0]):
             continue
         p, chosen = found[0]
-        equations = EQUATION.findall(record["rejected"][-1]["content"])
+        equations, chosen_equations = (EQUATION.findall(m["content"]) for m in (record["rejected"][-1], chosen))
         if equations and equations[-1][3] != str(p.result):
-            assert equations[:-2] == EQUATION.findall(chosen["content"])[:-2]  # the steps before the slip
-            assert equations[-2][3] == equations[-1][3] or len(equations) == 1  # the slip is carried to the end
+            assert [e[:3] for e in equations] == [e[:3] for e in chosen_equations]  # the same operations
+            assert equations[:-2] == chosen_equations[:-2]  # with the same results before the slip
+            assert len(equations) == 1 or equations[-2][3] == equations[-1][3]  # the slip is carried to the end
             slips += 1
     assert slips > 3
 

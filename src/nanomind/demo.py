@@ -274,7 +274,7 @@ def chat_samples(checkpoint: Path, conversations: list[list[dict]], agent_file: 
     from .tools import builtin_tools
 
     model, tokenizer = load_model(checkpoint), Tokenizer.load(checkpoint)
-    params = SamplingParams(max_new_tokens=48, temperature=0)
+    params = SamplingParams(max_new_tokens=ARITHMETIC_REPLY_TOKENS, temperature=0)  # a worked sum fits
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
     samples = [(c[-1]["content"], done.text.strip()) for c, done in zip(conversations, generate(model, tokenizer,
                                                                                               prompts, params))]

@@ -15,8 +15,8 @@ from pathlib import Path
 # Room for one reply of an agent, in evaluation and agent RL: two tool calls with their JSON arguments
 # take about 90 tokens and reasoning before them 20 more (at 64 the second call was always cut off).
 TOOL_REPLY_TOKENS = 160
-# Room for an arithmetic answer, in evaluation and GRPO: one that shows its steps takes up to 66 tokens
-# (47 × 6 in English: three steps and the result).
+# Room for an arithmetic answer, in evaluation and GRPO: one that shows its steps takes up to 65 tokens
+# and its end of turn (47 × 6 in English: three steps and the result).
 ARITHMETIC_REPLY_TOKENS = 96
 STAGES = ["pretrain", "sft", "lora", "dpo", "distill", "student", "grpo", "agent"]  # evaluated
 TIMED_STAGES = ["pretrain", "pretrain-more", "sft", "lora", "dpo", "student-init", "teacher-answers", "distill",
@@ -60,6 +60,11 @@ def shows_steps(reply: str) -> bool:
     from .rewards import answer_text
 
     return len(EQUATION.findall(answer_text(reply))) >= 2
+
+
+def steps_share(details: list[dict]) -> float:
+    """The share of answer_accuracy's replies that show their steps."""
+    return sum(shows_steps(c["reply"]) for c in details) / max(len(details), 1)
 
 
 def answer_format_accuracy(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 96) -> float:
@@ -118,8 +123,7 @@ def evaluate_stages(out: str | Path, limit: int = 200) -> dict:
         if name in ("dpo", "grpo", "agent"):
             replies = answer_accuracy(m, tokenizer, arithmetic, "math", greedy)
             row["arithmetic_exact"] = replies["accuracy"]
-            row["arithmetic_shows_steps"] = sum(shows_steps(c["reply"]) for c in replies["details"]) / max(
-                len(replies["details"]), 1)
+            row["arithmetic_shows_steps"] = steps_share(replies["details"])
         if name in ("sft", "grpo", "agent"):  # SFT too: GRPO on arithmetic alone can erode tool use
             tools = tool_use_accuracy(m, tokenizer, agent_cases, params=tool_greedy)
             row["tool_tasks"], row["tool_final_answer"] = tools["all"], tools["final_answer"]

@@ -5,10 +5,11 @@ training stage reads, in the JSONL layouts MiniMind's own datasets use, so the s
 
     pretrain.jsonl     {"text"}: facts about the world stated many ways, worked arithmetic, drills of the
                        one-step facts that worked solutions are chained from, short stories
-    sft.jsonl          {"conversations"}: questions about those facts, arithmetic with step-by-step
-                       `reasoning_content`, identity, multi-turn chats, calculator / unit-converter tool calls
+    sft.jsonl          {"conversations"}: questions about those facts, arithmetic (answers that show their
+                       steps, or that state the result, some after the steps as `reasoning_content`),
+                       identity, multi-turn chats, calculator / unit-converter tool calls
     dpo.jsonl          {"chosen", "rejected"}: one prompt, the rejected answer wrong, in the wrong language
-                       or rambling
+                       or rambling; arithmetic pairs in the same mix of worked and stated answers as SFT's
     rl.jsonl           {"conversations", "gt"}: the last assistant turn is an empty placeholder; `gt` is
                        the checkable answer (an arithmetic result, a town, an age ...)
     agent_rl.jsonl     the same with tools on the system message; `gt` lists one value per expected tool call
@@ -506,11 +507,11 @@ STEP_LABELS = {
 }
 
 
-def explain(p: Problem, zh: bool, result: int | None = None) -> str:
+def explain(p: Problem, zh: bool, wrong_result: int | None = None) -> str:
     """Step-by-step reasoning that ends in the result; every step is a checkable `a op b = c`. With
-    `result`, the same steps with a slip in the last one (whose result is always the final one), so
-    that they end in that wrong result instead."""
-    r = p.result if result is None else result
+    `wrong_result`, the same steps with a slip in the last one (whose result is always the final one),
+    so that they end in that wrong result instead."""
+    r = p.result if wrong_result is None else wrong_result
     steps = worked_steps(p)
     if not steps:
         return f"这是基本运算：{p.text} = {r}。" if zh else f"This is a basic fact: {p.text} = {r}."
@@ -649,9 +650,9 @@ def fact_qa(world: World, rng: random.Random, zh: bool, split: str, domain: bool
 WORKED_ANSWER_SHARE = 0.3
 
 
-def arithmetic_qa(world: World, rng: random.Random, zh: bool, split: str, worked: float = 0.0) -> QA:
-    """An arithmetic question; with probability `worked` its answer shows the steps (and it has no separate
-    reasoning), else it states the result and has the steps as its reasoning."""
+def arithmetic_qa(world: World, rng: random.Random, zh: bool, split: str, worked_share: float = 0.0) -> QA:
+    """An arithmetic question; with probability `worked_share` its answer shows the steps (and it has no
+    separate reasoning), else it states the result and has the steps as its reasoning."""
     p = draw_problem(rng, world.seed, split)
     ask, answers = (ASK_ARITHMETIC_ZH, ANSWER_ARITHMETIC_ZH) if zh else (ASK_ARITHMETIC_EN, ANSWER_ARITHMETIC_EN)
     template = rng.choice(answers)
@@ -661,10 +662,16 @@ def arithmetic_qa(world: World, rng: random.Random, zh: bool, split: str, worked
     answer, wrong_answer, other_language, reasoning = (template.format(p=p.text, r=p.result),
                                                        template.format(p=p.text, r=wrong),
                                                        other.format(p=p.text, r=p.result), explain(p, zh))
-    if worked and rng.random() < worked:
-        answer, wrong_answer, other_language, reasoning = (explain(p, zh), explain(p, zh, result=wrong),
+    # No draw at all when every answer states its result, so that the RL files, which keep the steps as
+    # reasoning, stay byte-identical to those written before worked answers existed.
+    if worked_share and rng.random() < worked_share:
+        answer, wrong_answer, other_language, reasoning = (explain(p, zh), explain(p, zh, wrong_result=wrong),
                                                            explain(p, not zh), "")
     return QA(rng.choice(ask).format(p=p.text), answer, str(p.result), wrong_answer, other_language, reasoning)
+
+
+# SFT's and DPO's arithmetic: the mix of worked and stated answers
+mixed_arithmetic_qa = functools.partial(arithmetic_qa, worked_share=WORKED_ANSWER_SHARE)
 
 
 def identity_qa(world: World, rng: random.Random, zh: bool, split: str) -> QA:
@@ -877,14 +884,13 @@ def sft_record(world: World, rng: random.Random, split: str) -> dict:
         if split == "train" and rng.random() < 0.6:
             messages += _pair(rng.choice(GREETINGS_ZH if zh else GREETINGS_EN))
         for _ in range(rng.randint(2, 3)):
-            qa = (fact_qa(world, rng, zh, split) if rng.random() < 0.6 else
-                  arithmetic_qa(world, rng, zh, split, worked=WORKED_ANSWER_SHARE))
+            qa = (fact_qa if rng.random() < 0.6 else mixed_arithmetic_qa)(world, rng, zh, split)
             messages += [_user(qa.question), _assistant(qa, rng, thinking=0.3)]
         if split == "train" and rng.random() < 0.5:
             messages += _pair(rng.choice(THANKS_ZH if zh else THANKS_EN))
     else:
         make, thinking = {"fact": (fact_qa, 0.2), "identity": (identity_qa, 0),
-                          "arithmetic": (functools.partial(arithmetic_qa, worked=WORKED_ANSWER_SHARE), 0.5)}[kind]
+                          "arithmetic": (mixed_arithmetic_qa, 0.5)}[kind]
         qa = make(world, rng, zh, split)
         messages += [_user(qa.question), _assistant(qa, rng, thinking)]
     return {"conversations": messages}
@@ -896,7 +902,7 @@ def _pair(exchange: tuple[str, str]) -> list[dict]:
 
 def dpo_record(world: World, rng: random.Random, split: str) -> dict:
     zh = rng.random() < 0.5
-    make = rng.choices([fact_qa, functools.partial(arithmetic_qa, worked=WORKED_ANSWER_SHARE), identity_qa],
+    make = rng.choices([fact_qa, mixed_arithmetic_qa, identity_qa],
                        weights=[50, 40, 10])[0]
     qa = make(world, rng, zh, split)
     flaw = rng.choice(["wrong", "language", "rambling"])
