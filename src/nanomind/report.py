@@ -22,7 +22,7 @@ STAGES = ["pretrain", "sft", "lora", "dpo", "distill", "student", "grpo", "agent
 TIMED_STAGES = ["pretrain", "pretrain-more", "sft", "lora", "dpo", "student-init", "teacher-answers", "distill",
                    "student", "grpo", "agent"]  # in the Stages table (those that ran)
 ARITHMETIC = re.compile(r"\d+\s*[-+×x*/÷]\s*\d+")
-EQUATION = re.compile(r"\d+\s*[-+×x*/÷]\s*\d+\s*=\s*-?\d+")
+EQUATION = re.compile(ARITHMETIC.pattern + r"\s*=\s*-?\d+")  # a step with its result
 
 
 def held_out_questions(eval_file: Path, n: int) -> list[list[dict]]:

@@ -902,8 +902,7 @@ def _pair(exchange: tuple[str, str]) -> list[dict]:
 
 def dpo_record(world: World, rng: random.Random, split: str) -> dict:
     zh = rng.random() < 0.5
-    make = rng.choices([fact_qa, mixed_arithmetic_qa, identity_qa],
-                       weights=[50, 40, 10])[0]
+    make = rng.choices([fact_qa, mixed_arithmetic_qa, identity_qa], weights=[50, 40, 10])[0]
     qa = make(world, rng, zh, split)
     flaw = rng.choice(["wrong", "language", "rambling"])
     if flaw == "wrong":
