@@ -318,6 +318,28 @@ def test_both_optimizers_reduce_the_loss_and_resume_their_state(prepared, tmp_pa
     assert len(state["optimizer"]["optimizers"]) == (2 if optimizer == "muon" else 1)
 
 
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48), (32, 32)])
+def test_cpu_muon_takes_torch_muons_steps(shape):
+    """The fp32 Muon the CPU uses moves weights as torch.optim.Muon (bf16 Newton-Schulz) does, to bf16's
+    precision, with momentum, Nesterov, weight decay and AdamW-matched step size over several steps."""
+    from nanomind.trainer import CpuMuon
+
+    torch.manual_seed(0)
+    start = torch.randn(*shape)
+    ours, theirs = start.clone().requires_grad_(), start.clone().requires_grad_()
+    options = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    optimizers = CpuMuon([ours], **options), torch.optim.Muon([theirs], **options)
+    for _ in range(3):
+        gradient = torch.randn(*shape)
+        ours.grad, theirs.grad = gradient.clone(), gradient.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    moved = (theirs - start).abs().max()
+    assert moved > 0.02
+    assert (ours - theirs).abs().max() < 0.03 * moved
+    assert optimizers[0].state_dict()["state"][0].keys() == optimizers[1].state_dict()["state"][0].keys()
+
+
 def test_metrics_also_go_to_tensorboard_and_wandb(prepared, tmp_path, monkeypatch):
     """Behind flags, the same per-step numbers reach TensorBoard's event files and wandb's log calls."""
     import types

@@ -41,7 +41,8 @@ SIZES = {
     # of the chat stages (SFT, LoRA, distillation), held-out items per evaluation,
     # and where set, the whole run's deadline in seconds with what it keeps for the work that has no
     # time budget (the teacher's answers, evaluation and the report, each stage's start and saves; as
-    # measured on the slowest 2-core machine so far, whose pretraining read 6,800 tokens/s: once
+    # measured on the slowest 2-core machine so far, whose pretraining read 6,800 tokens/s with AdamW and
+    # about 5,400 with Muon, which costs its steps 1.3x there (benchmarks/bench_optimizer.py): once
     # pretraining has shown how fast this machine is, the first two are scaled by it). The stages share
     # what the deadline leaves in proportion to their seconds (scaled_budget).
     "test": dict(curriculum="tiny", more_text="small", vocab=600, preset="tiny",
@@ -54,7 +55,7 @@ SIZES = {
                  student_layers="0,3", prompts=2400,
                  seconds=dict(pretrain=225, pretrain_more=225, sft=200, lora=30, dpo=30, distill=60, student=60, grpo=150,
                               agent=120), batch=dict(pretrain=4, chat=2), eval_limit=200,
-                 deadline=1170, reserve=dict(teacher_answers=90, eval_and_report=120, per_stage=6, tokens_per_s=6800)),
+                 deadline=1170, reserve=dict(teacher_answers=90, eval_and_report=120, per_stage=6, tokens_per_s=5400)),
     # MiniMind2-small's 26M model on the larger curriculum: about an hour on a 2-core CPU; on a GPU the
     # same time budgets train many more steps.
     "small": dict(curriculum="medium", more_text=None, vocab=6400, preset="small", model=[],
@@ -104,6 +105,14 @@ AGENT_SETTINGS = ["--num-generations", "4", "--max-turns", "3", "--max-new-token
                   "--max-prompt-len", "1024", "--max-total-len", "1536", "--lr", "1e-4", "--beta", "0"]
 
 
+def pretrain_flags(batch_size: int) -> list[str]:
+    """How the demo pretrains (both passes), as benchmarks/bench_optimizer.py runs it too. Muon learns far
+    more per second than AdamW here: in 225 s on one AVX2 core, a validation loss of 0.60 against 0.88,
+    and the one-step sums that worked solutions chain right 37-87% of the time against 4-13%."""
+    return ["--seq-len", "256", "--batch-size", str(batch_size), "--lr", "3e-3", "--warmup-steps", "20",
+            "--optimizer", "muon"]
+
+
 def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str = "cpu") -> Path:
     out = Path(out_dir)
     plan = SIZES[size]
@@ -137,10 +146,10 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
     # arithmetic: validation loss 1.01 at batch 16, 0.87 at 8, 0.64 at 4 and 0.84 at 2; SFT for 170 s:
     # 0.63 at batch 8, 0.29 at 2). The 26M `small` model keeps larger ones, which a GPU needs to be busy.
     batch = plan["batch"]
-    pretrain_flags = ["--seq-len", "256", "--batch-size", str(batch["pretrain"]), "--lr", "3e-3", "--warmup-steps", "20"]
+    pretraining = pretrain_flags(batch["pretrain"])
     stage(out, "pretrain", training("pretrain", "pretrain", "--data", str(data / "pretrain.jsonl"),
                                     "--tokenizer", str(tokenizer), "--preset", plan["preset"], *plan["model"],
-                                    *pretrain_flags))
+                                    *pretraining))
     pretrained = out / "pretrain" / "model"
     if plan["more_text"]:
         # A second pass on new sentences about the same world, not the same ones again: that is what
@@ -150,7 +159,7 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
         stage(out, "more-text", ["data", "synth", "--out", str(more), "--size", plan["more_text"], "--files",
                                  "pretrain", "--seed", str(seed)])
         stage(out, "pretrain-more", training("pretrain", "pretrain-more", "--data", str(more / "pretrain.jsonl"),
-                                             "--init-from", str(pretrained), *pretrain_flags))
+                                             "--init-from", str(pretrained), *pretraining))
         pretrained = out / "pretrain-more" / "model"
     sft = out / "sft" / "model"
     chat_flags = ["--seq-len", "768", "--batch-size", str(batch["chat"]), "--warmup-steps", "10"]

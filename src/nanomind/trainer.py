@@ -246,6 +246,45 @@ class CombinedOptimizer:
             o.load_state_dict(s)
 
 
+class CpuMuon(torch.optim.Muon):
+    """torch.optim.Muon with its Newton-Schulz iterations in fp32 instead of bf16, for the CPU.
+
+    Most CPUs have no bf16 matrix units and emulate them: on a 2-core AVX2 machine torch's Muon made the
+    tiny model's training steps 4.5x slower than AdamW's, this one 1.0-1.3x. Same options, same state
+    (a momentum buffer per matrix) and the same update as torch's, to bf16's precision.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                buffer.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                update = orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                rows, cols = p.shape
+                # Each matrix's step is scaled to the size of AdamW's ("match_rms_adamw") or Muon's first one.
+                scale = 0.2 * math.sqrt(max(rows, cols)) if group["adjust_lr_fn"] == "match_rms_adamw" else \
+                    math.sqrt(max(1, rows / cols))
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-lr * scale)
+
+
+def orthogonalise(matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+                  eps: float) -> torch.Tensor:
+    """An approximation of U V^T for matrix = U S V^T (its singular values pushed towards 1) by a quintic
+    Newton-Schulz iteration, in fp32; the Gram matrix is taken on the smaller side."""
+    a, b, c = coefficients
+    wide = matrix.size(0) > matrix.size(1)
+    x = matrix.float().T if wide else matrix.float()
+    x = x / x.norm().clamp(min=eps)  # singular values <= 1, where the iteration converges
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.T if wide else x).to(matrix.dtype)
+
+
 def build_optimizer(model: NanoMind, lr: float, weight_decay: float, kind: str = "adamw",
                     betas=(0.9, 0.95)) -> CombinedOptimizer:
     """AdamW where matrices decay and norms and embeddings do not (decaying them only hurts); with
@@ -257,10 +296,9 @@ def build_optimizer(model: NanoMind, lr: float, weight_decay: float, kind: str =
     others = [p for p in trainable if not any(p is m for m in matrices)]
     optimizers = []
     if kind == "muon":
-        if not hasattr(torch.optim, "Muon"):
-            raise TrainingError("--optimizer muon needs torch >= 2.9 (torch.optim.Muon)")
-        optimizers.append(torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay,
-                                           adjust_lr_fn="match_rms_adamw"))
+        on_cpu = all(type(p) is torch.nn.Parameter and p.device.type == "cpu" for p in matrices)
+        muon = CpuMuon if on_cpu else torch.optim.Muon  # sharded (DTensor) and GPU matrices: torch's own
+        optimizers.append(muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"))
         adam_groups = [{"params": others, "weight_decay": 0.0}]
     elif kind == "adamw":
         decay = [p for p in others if p.dim() >= 2 and p is not embedding] + matrices
