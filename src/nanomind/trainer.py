@@ -250,39 +250,46 @@ class CpuMuon(torch.optim.Muon):
     """torch.optim.Muon with its Newton-Schulz iterations in fp32 instead of bf16, for the CPU.
 
     Most CPUs have no bf16 matrix units and emulate them: on a 2-core AVX2 machine torch's Muon made the
-    tiny model's training steps 4.5x slower than AdamW's, this one 1.0-1.3x. Same options, same state
-    (a momentum buffer per matrix) and the same update as torch's, to bf16's precision.
+    tiny model's training steps 6x slower than AdamW's. Here the matrices of one shape (every layer's
+    query projection, every layer's up projection, ...) are also orthogonalised together, as one batch
+    of small matrix products instead of many. Same options, same state (a momentum buffer per matrix)
+    and the same update as torch's, to bf16's precision.
     """
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
+            updates: dict[tuple, list] = {}  # shape -> [(parameter, update)]
             for p in (p for p in group["params"] if p.grad is not None):
                 buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                 buffer.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-                update = orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
-                rows, cols = p.shape
+                updates.setdefault(tuple(p.shape), []).append((p, update))
+            for (rows, cols), pairs in updates.items():
+                orthogonal = orthogonalise(torch.stack([u for _, u in pairs]), group["ns_coefficients"],
+                                           group["ns_steps"], group["eps"])
                 # Each matrix's step is scaled to the size of AdamW's ("match_rms_adamw") or Muon's first one.
                 scale = 0.2 * math.sqrt(max(rows, cols)) if group["adjust_lr_fn"] == "match_rms_adamw" else \
                     math.sqrt(max(1, rows / cols))
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update, alpha=-lr * scale)
+                for (p, _), step in zip(pairs, orthogonal):
+                    p.mul_(1 - lr * group["weight_decay"])
+                    p.add_(step, alpha=-lr * scale)
 
 
-def orthogonalise(matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+def orthogonalise(matrices: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
                   eps: float) -> torch.Tensor:
-    """An approximation of U V^T for matrix = U S V^T (its singular values pushed towards 1) by a quintic
-    Newton-Schulz iteration, in fp32; the Gram matrix is taken on the smaller side."""
+    """For each matrix M = U S V^T of a batch (..., rows, cols), an approximation of U V^T (its singular
+    values pushed towards 1) by a quintic Newton-Schulz iteration, in fp32; the Gram matrix is taken on
+    the smaller side."""
     a, b, c = coefficients
-    wide = matrix.size(0) > matrix.size(1)
-    x = matrix.float().T if wide else matrix.float()
-    x = x / x.norm().clamp(min=eps)  # singular values <= 1, where the iteration converges
+    tall = matrices.size(-2) > matrices.size(-1)
+    x = matrices.float().mT if tall else matrices.float()
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # singular values <= 1: the iteration converges
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return (x.T if wide else x).to(matrix.dtype)
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.mT if tall else x).to(matrices.dtype)
 
 
 def build_optimizer(model: NanoMind, lr: float, weight_decay: float, kind: str = "adamw",
