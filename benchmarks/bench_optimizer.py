@@ -66,8 +66,9 @@ def step_seconds(optimizer_kind: str, vocab_size: int, steps: int) -> float:
 def one_step_sums(checkpoint: Path, count: int = 60) -> dict[str, float]:
     """Share right, greedy, of each kind of step of held-out problems' worked solutions, asked bare."""
     model, tokenizer = load_model(checkpoint), Tokenizer.load(checkpoint)
+    kinds = 7  # + and -: tens, ones; ×: tens, ones, their sum
     rng, by_kind = random.Random(1), {}
-    while min((len(v) for v in by_kind.values()), default=0) < count or len(by_kind) < 7:
+    while min((len(v) for v in by_kind.values()), default=0) < count or len(by_kind) < kinds:
         problem = draw_problem(rng, 0, "eval")
         for key, step in worked_steps(problem):
             by_kind.setdefault(f"{problem.op} {key}", []).append(step)
@@ -103,10 +104,9 @@ def main() -> None:
 
     step = {kind: step_seconds(kind, vocab_size, 5 if args.quick else 30) for kind in ["adamw", "torch-muon", "cpu-muon"]}
     print("step seconds:", step)
-    runs = {}
+    runs, flags = {}, pretrain_flags(plan["batch"]["pretrain"])
     for kind in ["adamw", "muon"]:
         out = work / kind
-        flags = [f for f in pretrain_flags(plan["batch"]["pretrain"]) if f not in ("--optimizer", "muon")]
         run_command(["pretrain", "--data", str(data / "pretrain.jsonl"), "--tokenizer", str(tokenizer),
                      "--preset", plan["preset"], *flags, "--optimizer", kind, "--time-budget", str(seconds),
                      "--epochs", "20", "--eval-every", "96", "--out", str(out)])
@@ -138,7 +138,8 @@ def main() -> None:
     capability = torch.backends.cpu.get_cpu_capability()
     section = "\n".join([
         "## Optimizer: AdamW and Muon for the demo's pretraining", "",
-        f"The demo's `tiny` model and first pretraining stage (the `small` curriculum, batch 4 x 256, lr 3e-3), "
+        f"The demo's `{plan['preset']}` model and first pretraining stage (the `{plan['curriculum']}` curriculum, "
+        f"`{' '.join(flags)}`), "
         f"CPU, {threads} thread(s), ATen capability {capability}: `{COMMAND}`. "
         "Muon: orthogonalised momentum for the blocks' matrices, AdamW for embeddings and norms. The demo pretrains "
         "with AdamW all the same (`demo.pretrain_flags`): its distillation student is the model with layers cut "

@@ -318,26 +318,37 @@ def test_both_optimizers_reduce_the_loss_and_resume_their_state(prepared, tmp_pa
     assert len(state["optimizer"]["optimizers"]) == (2 if optimizer == "muon" else 1)
 
 
-@pytest.mark.parametrize("shape", [(48, 16), (16, 48), (32, 32)])
-def test_cpu_muon_takes_torch_muons_steps(shape):
+@pytest.mark.parametrize("options", [dict(adjust_lr_fn="match_rms_adamw"),
+                                     dict(adjust_lr_fn="original", nesterov=False, momentum=0.9)])
+def test_cpu_muon_takes_torch_muons_steps(options):
     """The fp32 Muon the CPU uses moves weights as torch.optim.Muon (bf16 Newton-Schulz) does, to bf16's
-    precision, with momentum, Nesterov, weight decay and AdamW-matched step size over several steps."""
+    precision: momentum, Nesterov or not, weight decay and step size over several steps, with several
+    matrices of one shape (orthogonalised as one batch), tall, wide and square ones, and one without a
+    gradient; its state loads into torch's optimizer."""
     from nanomind.trainer import CpuMuon
 
     torch.manual_seed(0)
-    start = torch.randn(*shape)
-    ours, theirs = start.clone().requires_grad_(), start.clone().requires_grad_()
-    options = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
-    optimizers = CpuMuon([ours], **options), torch.optim.Muon([theirs], **options)
+    shapes = [(48, 16), (48, 16), (48, 16), (16, 48), (32, 32), (32, 32)]
+    start = [torch.randn(*shape) * (1 + i) for i, shape in enumerate(shapes)]  # different norms per matrix
+    ours = [w.clone().requires_grad_() for w in start]
+    theirs = [w.clone().requires_grad_() for w in start]
+    frozen = torch.randn(8, 8, requires_grad=True)  # never gets a gradient
+    settings = dict(lr=0.02, weight_decay=0.1, **options)
+    ours_optimizer, theirs_optimizer = CpuMuon(ours + [frozen], **settings), torch.optim.Muon(theirs, **settings)
     for _ in range(3):
-        gradient = torch.randn(*shape)
-        ours.grad, theirs.grad = gradient.clone(), gradient.clone()
-        for optimizer in optimizers:
-            optimizer.step()
-    moved = (theirs - start).abs().max()
-    assert moved > 0.02
-    assert (ours - theirs).abs().max() < 0.03 * moved
-    assert optimizers[0].state_dict()["state"][0].keys() == optimizers[1].state_dict()["state"][0].keys()
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        ours_optimizer.step()
+        theirs_optimizer.step()
+    for a, b, w in zip(ours, theirs, start):
+        moved = (b - w).abs().max()
+        assert moved > 0.01
+        assert (a - b).abs().max() < 0.03 * moved
+    assert frozen.grad is None and len(ours_optimizer.state) == len(ours)
+    reloaded = torch.optim.Muon(theirs, **settings)
+    reloaded.load_state_dict({**ours_optimizer.state_dict(), "param_groups": theirs_optimizer.state_dict()["param_groups"]})
+    assert torch.equal(reloaded.state[theirs[0]]["momentum_buffer"], ours_optimizer.state[ours[0]]["momentum_buffer"])
 
 
 def test_metrics_also_go_to_tensorboard_and_wandb(prepared, tmp_path, monkeypatch):

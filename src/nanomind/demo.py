@@ -107,11 +107,10 @@ AGENT_SETTINGS = ["--num-generations", "4", "--max-turns", "3", "--max-new-token
 def pretrain_flags(batch_size: int) -> list[str]:
     """How the demo pretrains (both passes), as benchmarks/bench_optimizer.py runs it too.
 
-    With AdamW. Muon learns far more per second here (the benchmark: in 225 s on one AVX2 core a
-    validation loss of 0.60 against 0.88), but a model it trains loses much more when layers are cut
-    out, and the demo's distillation student is the SFT model with half its layers: in demo runs with
-    Muon that student started from an SFT loss of 2.38 instead of 1.49, and distillation closed 9% and -3%
-    of the gap on slow machines instead of 55-66% (66% against 86-87% on the fast one)."""
+    With AdamW, although Muon (`--optimizer muon`) learns much faster per second here (the benchmark has
+    the figures): a Muon-trained model loses much more when layers are cut out, and the demo's
+    distillation student is the SFT model with half its layers. In demo runs with Muon, distillation
+    missed its target on a slow machine (the README's demo section has the runs)."""
     return ["--seq-len", "256", "--batch-size", str(batch_size), "--lr", "3e-3", "--warmup-steps", "20"]
 
 

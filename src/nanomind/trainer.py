@@ -249,39 +249,48 @@ class CombinedOptimizer:
 class CpuMuon(torch.optim.Muon):
     """torch.optim.Muon with its Newton-Schulz iterations in fp32 instead of bf16, for the CPU.
 
-    Most CPUs have no bf16 matrix units and emulate them: on a 2-core AVX2 machine torch's Muon made the
-    tiny model's training steps 6x slower than AdamW's. Here the matrices of one shape (every layer's
-    query projection, every layer's up projection, ...) are also orthogonalised together, as one batch
-    of small matrix products instead of many. Same options, same state (a momentum buffer per matrix)
-    and the same update as torch's, to bf16's precision.
+    Most CPUs have no bf16 matrix units and emulate them: on one AVX2 core torch's Muon made the demo
+    model's training steps 5x slower than AdamW's (benchmarks/bench_optimizer.py). Here the matrices of
+    one shape (every layer's query projection, every layer's up projection, ...) are also orthogonalised
+    together, as one batch of small matrix products instead of many. Same options, same state (a
+    momentum buffer per matrix) and the same update as torch's, to bf16's precision.
     """
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
-            updates: dict[tuple, list] = {}  # shape -> [(parameter, update)]
+            by_shape: dict[tuple, list] = {}  # shape -> [(parameter, momentum update)]
             for p in (p for p in group["params"] if p.grad is not None):
-                buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buffer = state["momentum_buffer"]
                 buffer.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-                updates.setdefault(tuple(p.shape), []).append((p, update))
-            for (rows, cols), pairs in updates.items():
-                orthogonal = orthogonalise(torch.stack([u for _, u in pairs]), group["ns_coefficients"],
+                by_shape.setdefault(tuple(p.shape), []).append((p, update))
+            for (rows, cols), pairs in by_shape.items():
+                directions = orthogonalise(torch.stack([update for _, update in pairs]), group["ns_coefficients"],
                                            group["ns_steps"], group["eps"])
-                # Each matrix's step is scaled to the size of AdamW's ("match_rms_adamw") or Muon's first one.
+                # The step's size, as torch scales it: matched to AdamW's update size ("match_rms_adamw"),
+                # or Keller Jordan's original sqrt(rows / cols) for tall matrices.
                 scale = 0.2 * math.sqrt(max(rows, cols)) if group["adjust_lr_fn"] == "match_rms_adamw" else \
                     math.sqrt(max(1, rows / cols))
-                for (p, _), step in zip(pairs, orthogonal):
+                for (p, _), direction in zip(pairs, directions):
                     p.mul_(1 - lr * group["weight_decay"])
-                    p.add_(step, alpha=-lr * scale)
+                    p.add_(direction, alpha=-lr * scale)
+        return loss
 
 
 def orthogonalise(matrices: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
                   eps: float) -> torch.Tensor:
-    """For each matrix M = U S V^T of a batch (..., rows, cols), an approximation of U V^T (its singular
-    values pushed towards 1) by a quintic Newton-Schulz iteration, in fp32; the Gram matrix is taken on
-    the smaller side."""
+    """For each matrix M = U S V^T of a batch (batch, rows, cols), an approximation of U V^T (its singular
+    values pushed towards 1) by torch.optim.Muon's quintic Newton-Schulz iteration, in fp32; the Gram
+    matrix is taken on the smaller side."""
     a, b, c = coefficients
     tall = matrices.size(-2) > matrices.size(-1)
     x = matrices.float().mT if tall else matrices.float()
@@ -290,6 +299,11 @@ def orthogonalise(matrices: torch.Tensor, coefficients: tuple[float, float, floa
         gram = x @ x.mT
         x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return (x.mT if tall else x).to(matrices.dtype)
+
+
+def _plain_parameters(params, device_types: tuple[str, ...]) -> bool:
+    """Whether every parameter is an ordinary tensor (not sharded by FSDP) on one of these devices."""
+    return all(type(p) is torch.nn.Parameter and p.device.type in device_types for p in params)
 
 
 def build_optimizer(model: NanoMind, lr: float, weight_decay: float, kind: str = "adamw",
@@ -303,8 +317,7 @@ def build_optimizer(model: NanoMind, lr: float, weight_decay: float, kind: str =
     others = [p for p in trainable if not any(p is m for m in matrices)]
     optimizers = []
     if kind == "muon":
-        on_cpu = all(type(p) is torch.nn.Parameter and p.device.type == "cpu" for p in matrices)
-        muon = CpuMuon if on_cpu else torch.optim.Muon  # sharded (DTensor) and GPU matrices: torch's own
+        muon = CpuMuon if _plain_parameters(matrices, ("cpu",)) else torch.optim.Muon  # GPU, FSDP: torch's own
         optimizers.append(muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"))
         adam_groups = [{"params": others, "weight_decay": 0.0}]
     elif kind == "adamw":
@@ -317,8 +330,7 @@ def build_optimizer(model: NanoMind, lr: float, weight_decay: float, kind: str =
     if adam_groups:
         # The fused kernel is ~3x faster than the default on CPU and GPU; sharded (DTensor) parameters
         # take the default implementation.
-        plain = all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda")
-                    for g in adam_groups for p in g["params"])
+        plain = _plain_parameters([p for g in adam_groups for p in g["params"]], ("cpu", "cuda"))
         optimizers.append(torch.optim.AdamW(adam_groups, lr=lr, betas=betas, fused=plain or None))
     return CombinedOptimizer(optimizers)
 
