@@ -605,6 +605,14 @@ def outcome_table(rows) -> list[str]:
                     for a, b, c, d, e in rows]
 
 
+def publish_section(heading: str, section: str, write: bool) -> None:
+    """Print a benchmark's RESULTS.md section; with --write, also put it in place of the old one."""
+    print("\n" + section)
+    if write:
+        replace_section(RESULTS_PATH, heading, section)
+        print(f"wrote {RESULTS_PATH}")
+
+
 def replace_section(path: Path, heading: str, section: str) -> None:
     """Put `section` in place of the one starting with `heading` (up to the next `## `) in
     RESULTS.md, leaving the other benchmarks' sections alone."""

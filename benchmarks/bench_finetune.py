@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_core import RESULTS_PATH, outcome_table, replace_section
+from bench_core import RESULTS_PATH, outcome_table, publish_section
 from nanomind.checkpoint import load_model
 from nanomind.demo import run_command, split_conversations, write_replay_mix
 from nanomind.evaluation import held_out_loss, preference_accuracy
@@ -229,10 +229,7 @@ def main() -> None:
         f"student ({steps['distill']} steps, lr 3e-3) and the teacher's layers {HALF_DEPTH_LAYERS} "
         f"({steps['distill_half_depth']} steps, lr 1e-3). Distillation flags {' '.join(DISTILL_FLAGS)} unless "
         f"stated.", "", *table, ""])
-    print("\n" + section)
-    if args.write:
-        replace_section(RESULTS_PATH, "## Fine-tuning", section)
-        print(f"wrote {RESULTS_PATH}")
+    publish_section("## Fine-tuning", section, args.write)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_core import RESULTS_PATH, outcome_table, replace_section
+from bench_core import RESULTS_PATH, outcome_table, publish_section
 from nanomind.checkpoint import load_model
 from nanomind.demo import SIZES, pretrain_flags, run_command
 from nanomind.evaluation import held_out_loss
@@ -146,10 +146,7 @@ def main() -> None:
         "out, which costs a Muon-trained model more. Held-out loss: the curriculum's eval_pretrain.jsonl. "
         "One-step sums: the steps of held-out problems' worked solutions, asked bare as the pretraining drills "
         "state them, greedy.", "", *outcome_table(rows), ""])
-    print("\n" + section)
-    if args.write:
-        replace_section(RESULTS_PATH, "## Optimizer", section)
-        print(f"wrote {RESULTS_PATH}")
+    publish_section("## Optimizer", section, args.write)
 
 
 if __name__ == "__main__":

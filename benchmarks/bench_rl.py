@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_core import RESULTS_PATH, outcome_table, replace_section
+from bench_core import RESULTS_PATH, outcome_table, publish_section
 from nanomind.checkpoint import load_model
 from nanomind.demo import AGENT_SETTINGS, GRPO_SETTINGS, run_command, write_arithmetic_prompts
 from nanomind.evaluation import answer_accuracy, tool_use_accuracy
@@ -115,10 +115,7 @@ def main() -> None:
         f"math reward: `{' '.join(GRPO_SETTINGS)}`). Agent RL: {steps['agent']} steps of GRPO on multi-turn tool "
         f"rollouts of 4 prompts, with the demo's settings (`{' '.join(AGENT_SETTINGS)}`). Accuracies are greedy "
         f"answers on the held-out files (tool replies of up to {TOOL_REPLY_TOKENS} tokens).", "", *table, ""])
-    print("\n" + section)
-    if args.write:
-        replace_section(RESULTS_PATH, "## Reinforcement learning", section)
-        print(f"wrote {RESULTS_PATH}")
+    publish_section("## Reinforcement learning", section, args.write)
 
 
 if __name__ == "__main__":
