@@ -1,11 +1,12 @@
-"""AdamW against Muon for the demo's pretraining, side by side on this machine.
+"""AdamW against Muon, and Muon with LayerDrop, for the demo's pretraining, side by side on this machine.
 
   1. Step time of the demo's `tiny` model (batch 4 x 256 tokens) with fused AdamW, with torch.optim.Muon
      (Newton-Schulz in bf16) and with nanomind's CpuMuon (the same in fp32), for the blocks' matrices.
-  2. The demo's first pretraining stage, time-boxed, with AdamW and with Muon: steps taken, held-out
-     loss, how often the model gets right the one-step sums that worked solutions chain (47 + 30,
-     77 + 8, 30 x 7, 7 x 8, 210 + 56) on held-out problems, greedy, and the held-out loss of its first
-     and last layers alone (`convert --keep-layers 0,3`: how the demo makes its distillation student).
+  2. The demo's first pretraining stage, time-boxed, with AdamW, with Muon, and as the demo runs it
+     (Muon, and a quarter of the steps without layers 1 and 2): steps taken, held-out loss, how often
+     the model gets right the one-step sums that worked solutions chain (47 + 30, 77 + 8, 30 x 7, 7 x 8,
+     210 + 56) on held-out problems, greedy, and the held-out loss of its first and last layers alone
+     (`convert --keep-layers 0,3`: how the demo makes its distillation student).
 
   python benchmarks/bench_optimizer.py [--seconds 225] [--quick] [--write]
 
@@ -83,6 +84,9 @@ def one_step_sums(checkpoint: Path, count: int = 60) -> dict[str, float]:
     return shares
 
 
+VERSUS = "AdamW / Muon / Muon with LayerDrop (the demo)"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=SIZES["tiny"]["seconds"]["pretrain"],
@@ -104,11 +108,14 @@ def main() -> None:
 
     step = {kind: step_seconds(kind, vocab_size, 5 if args.quick else 30) for kind in ["adamw", "torch-muon", "cpu-muon"]}
     print("step seconds:", step)
-    runs, flags = {}, pretrain_flags(plan["batch"]["pretrain"])
-    for kind in ["adamw", "muon"]:
+    demo_flags = pretrain_flags(plan["batch"]["pretrain"], plan["student_drops"])
+    muon_flags = pretrain_flags(plan["batch"]["pretrain"], None)
+    arms = {"adamw": muon_flags + ["--optimizer", "adamw"], "muon": muon_flags, "demo": demo_flags}
+    runs = {}
+    for kind, flags in arms.items():
         out = work / kind
         run_command(["pretrain", "--data", str(data / "pretrain.jsonl"), "--tokenizer", str(tokenizer),
-                     "--preset", plan["preset"], *flags, "--optimizer", kind, "--time-budget", str(seconds),
+                     "--preset", plan["preset"], *flags, "--time-budget", str(seconds),
                      "--epochs", "20", "--eval-every", "96", "--out", str(out)])
         last = [json.loads(line) for line in open(out / "metrics.jsonl")][-1]
         run_command(["convert", str(out / "model"), "--out", str(work / f"{kind}-half"), "--keep-layers",
@@ -119,31 +126,37 @@ def main() -> None:
         runs[kind] = dict(steps=last["step"], **held_out, sums=one_step_sums(out / "model"))
         print(kind, runs[kind])
 
-    adamw, muon = runs["adamw"], runs["muon"]
+    adamw, muon, demo = runs["adamw"], runs["muon"], runs["demo"]
+
+    def three(show) -> str:  # one figure of each run, in VERSUS's order
+        return " / ".join(show(run) for run in (adamw, muon, demo))
+
     kinds = list(adamw["sums"])
     rows = [
         ("Step time, torch.optim.Muon (bf16) vs fused AdamW", f"{step['torch-muon'] * 1e3:.0f} vs "
          f"{step['adamw'] * 1e3:.0f} ms", f"{step['torch-muon'] / step['adamw']:.2f}x", "", None),
         ("Step time, CpuMuon (fp32) vs fused AdamW", f"{step['cpu-muon'] * 1e3:.0f} vs {step['adamw'] * 1e3:.0f} ms",
          f"{step['cpu-muon'] / step['adamw']:.2f}x", "", None),
-        (f"Pretraining {seconds:.0f} s: steps, Muon vs AdamW", f"{muon['steps']:,} vs {adamw['steps']:,}", "", "", None),
-        (f"Pretraining {seconds:.0f} s: held-out loss, Muon vs AdamW", f"{muon['whole']:.3f} vs "
-         f"{adamw['whole']:.3f}", "", "lower with Muon", muon["whole"] < adamw["whole"]),
-        (f"... the same model's layers {plan['student_layers']} alone, Muon vs AdamW", f"{muon['half']:.3f} vs "
-         f"{adamw['half']:.3f}", "", "", None),
-        *[(f"... one-step sums right, `{kind}`, Muon vs AdamW", f"{muon['sums'][kind]:.0%} vs {adamw['sums'][kind]:.0%}",
-           "", "", None) for kind in kinds],
+        (f"Pretraining {seconds:.0f} s: steps, {VERSUS}", three(lambda r: f"{r['steps']:,}"), "", "", None),
+        (f"Pretraining {seconds:.0f} s: held-out loss, {VERSUS}", three(lambda r: f"{r['whole']:.3f}"), "",
+         "lower with Muon", max(muon["whole"], demo["whole"]) < adamw["whole"]),
+        (f"... the same model's layers {plan['student_layers']} alone, {VERSUS}", three(lambda r: f"{r['half']:.3f}"),
+         "", "LayerDrop keeps it close to the whole", demo["half"] < min(adamw["half"], muon["half"])),
+        *[(f"... one-step sums right, `{kind}`, {VERSUS}", three(lambda r: f"{r['sums'][kind]:.0%}"), "", "", None)
+          for kind in kinds],
     ]
     threads = torch.get_num_threads()
+    base_flags = " ".join(muon_flags[:-2])
     capability = torch.backends.cpu.get_cpu_capability()
     section = "\n".join([
         "## Optimizer: AdamW and Muon for the demo's pretraining", "",
         f"The demo's `{plan['preset']}` model and first pretraining stage (the `{plan['curriculum']}` curriculum, "
-        f"`{' '.join(flags)}`), "
+        f"`{base_flags}`), "
         f"CPU, {threads} thread(s), ATen capability {capability}: `{COMMAND}`. "
-        "Muon: orthogonalised momentum for the blocks' matrices, AdamW for embeddings and norms. The demo pretrains "
-        "with AdamW all the same (`demo.pretrain_flags`): its distillation student is the model with layers cut "
-        "out, which costs a Muon-trained model more. Held-out loss: the curriculum's eval_pretrain.jsonl. "
+        "Muon: orthogonalised momentum for the blocks' matrices, AdamW for embeddings and norms. The demo "
+        f"(`demo.pretrain_flags`) pretrains with Muon and `{' '.join(demo_flags[len(muon_flags):])}`: its "
+        "distillation student is the model with layers cut out, which costs a Muon-trained model more unless "
+        "some steps train without them. Held-out loss: the curriculum's eval_pretrain.jsonl. "
         "One-step sums: the steps of held-out problems' worked solutions, asked bare as the pretraining drills "
         "state them, greedy.", "", *outcome_table(rows), ""])
     publish_section("## Optimizer", section, args.write)

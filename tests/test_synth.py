@@ -11,7 +11,7 @@ import pytest
 
 from nanomind.data import read_records
 from nanomind.synth import (SIZES, UNITS, CONVERSIONS, WORKED_ANSWER_SHARE, Conversion, Problem, World, explain,
-                            pretrain_record, synthesize)
+                            pretrain_record, synthesize, worked_answer)
 from nanomind.tokenizer import train_tokenizer
 
 STEMS = ["pretrain", "sft", "dpo", "rl", "agent_rl", "lora_domain"]
@@ -379,7 +379,7 @@ def arithmetic_answers(records):
 
 
 def is_worked(problem, message):
-    return message["content"] in (explain(problem, False), explain(problem, True))
+    return message["content"] in (worked_answer(problem, False), worked_answer(problem, True))
 
 
 def test_some_arithmetic_answers_show_their_steps_in_place_of_reasoning(curriculum):
@@ -391,6 +391,9 @@ def test_some_arithmetic_answers_show_their_steps_in_place_of_reasoning(curricul
         share = len(worked) / (len(worked) + len(stated))
         assert len(worked) >= 10 and abs(share - WORKED_ANSWER_SHARE) < 0.1, (stem, len(worked), len(stated))
         assert not any(m.get("reasoning_content") for _, m in worked)  # the steps are said once (in SFT)
+        # with an opener that tells them from reasoning, which never has it
+        assert all(m["content"].startswith(("Let us work out", "我们来算")) for _, m in worked)
+        assert not any(m.get("reasoning_content", "").startswith(("Let us work out", "我们来算")) for _, m in stated)
         # the others state the result
         assert all(str(p.result) in m["content"] for p, m in stated)
     # and those with reasoning work it out there

@@ -100,6 +100,13 @@ def add_training_args(parser: argparse.ArgumentParser, default_lr: float) -> Non
     g.add_argument("--weight-decay", type=float, default=0.1, help="weight decay (matrices only)")
     g.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
                    help="muon: Muon for the blocks' weight matrices, AdamW for embeddings and norms")
+    g.add_argument("--layer-drop", type=float, default=0.0, metavar="P",
+                   help="LayerDrop: each step skips layers with chance P (each layer on its own, or the "
+                        "--layer-drop-layers together), so the model still works with them cut out by "
+                        "`nanomind convert --keep-layers`")
+    g.add_argument("--layer-drop-layers", type=_layer_list, default=None, metavar="I,J,...",
+                   help="the layers --layer-drop skips, together (e.g. 1,2 to train the model made of "
+                        "layers 0,3 too)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     g.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1)")

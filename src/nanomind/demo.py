@@ -36,7 +36,8 @@ from .report import (ARITHMETIC_REPLY_TOKENS, TOOL_REPLY_TOKENS, evaluate_stages
 
 SIZES = {
     # curriculum, the larger one whose pretraining text is read too (the same world, fresh sentences),
-    # tokenizer vocabulary, model preset and flags, the teacher's layers the student keeps, how many
+    # tokenizer vocabulary, model preset and flags, the teacher's layers the student keeps (and the
+    # others, which pretraining learns to do without), how many
     # prompts the teacher answers for it, seconds per training stage, the batch sizes of pretraining and
     # of the chat stages (SFT, LoRA, distillation), held-out items per evaluation,
     # and where set, the whole run's deadline in seconds with what it keeps for the work that has no
@@ -46,19 +47,19 @@ SIZES = {
     # what the deadline leaves in proportion to their seconds (scaled_budget).
     "test": dict(curriculum="tiny", more_text="small", vocab=600, preset="tiny",
                  model=["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
-                 student_layers="0", prompts=40,
+                 student_layers="0", student_drops="1", prompts=40,
                  seconds=dict(pretrain=4, pretrain_more=4, sft=6, lora=3, dpo=3, distill=3, student=6, grpo=4, agent=4),
                  batch=dict(pretrain=4, chat=2), eval_limit=8,
                  deadline=None),
     "tiny": dict(curriculum="small", more_text="medium", vocab=2048, preset="tiny", model=[],
-                 student_layers="0,3", prompts=2400,
+                 student_layers="0,3", student_drops="1,2", prompts=2400,
                  seconds=dict(pretrain=225, pretrain_more=225, sft=200, lora=30, dpo=30, distill=60, student=60, grpo=150,
                               agent=120), batch=dict(pretrain=4, chat=2), eval_limit=200,
                  deadline=1170, reserve=dict(teacher_answers=90, eval_and_report=120, per_stage=6, tokens_per_s=6800)),
     # MiniMind2-small's 26M model on the larger curriculum: about an hour on a 2-core CPU; on a GPU the
     # same time budgets train many more steps.
     "small": dict(curriculum="medium", more_text=None, vocab=6400, preset="small", model=[],
-                  student_layers="0,1,6,7", prompts=2400,
+                  student_layers="0,1,6,7", student_drops="2,3,4,5", prompts=2400,
                   seconds=dict(pretrain=1200, sft=600, lora=150, dpo=240, distill=300, student=600, grpo=420,
                                agent=420),
                   batch=dict(pretrain=16, chat=8), eval_limit=400, deadline=None),
@@ -104,14 +105,18 @@ AGENT_SETTINGS = ["--num-generations", "4", "--max-turns", "3", "--max-new-token
                   "--max-prompt-len", "1024", "--max-total-len", "1536", "--lr", "1e-4", "--beta", "0"]
 
 
-def pretrain_flags(batch_size: int) -> list[str]:
+def pretrain_flags(batch_size: int, dropped_layers: str | None) -> list[str]:
     """How the demo pretrains (both passes), as benchmarks/bench_optimizer.py runs it too.
 
-    With AdamW, although Muon (`--optimizer muon`) learns much faster per second here (the benchmark has
-    the figures): a Muon-trained model loses much more when layers are cut out, and the demo's
-    distillation student is the SFT model with half its layers. In demo runs with Muon, distillation
-    missed its target on a slow machine (the README's demo section has the runs)."""
-    return ["--seq-len", "256", "--batch-size", str(batch_size), "--lr", "3e-3", "--warmup-steps", "20"]
+    With Muon, which learns much faster per second than AdamW here: on a slow machine that is what
+    leaves the model able to carry out the steps of a sum, which GRPO then rewards. A Muon-trained model
+    loses much more than an AdamW-trained one when layers are cut out, though, and the distillation
+    student is the SFT model without `dropped_layers`; so a quarter of the steps train without them
+    (LayerDrop), and the model learns to work with and without them (the README's demo section has the
+    runs)."""
+    flags = ["--seq-len", "256", "--batch-size", str(batch_size), "--lr", "3e-3", "--warmup-steps", "20",
+             "--optimizer", "muon"]
+    return flags + (["--layer-drop", "0.25", "--layer-drop-layers", dropped_layers] if dropped_layers else [])
 
 
 def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str = "cpu") -> Path:
@@ -147,7 +152,7 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
     # arithmetic: validation loss 1.01 at batch 16, 0.87 at 8, 0.64 at 4 and 0.84 at 2; SFT for 170 s:
     # 0.63 at batch 8, 0.29 at 2). The 26M `small` model keeps larger ones, which a GPU needs to be busy.
     batch = plan["batch"]
-    pretraining = pretrain_flags(batch["pretrain"])
+    pretraining = pretrain_flags(batch["pretrain"], plan["student_drops"])
     stage(out, "pretrain", training("pretrain", "pretrain", "--data", str(data / "pretrain.jsonl"),
                                     "--tokenizer", str(tokenizer), "--preset", plan["preset"], *plan["model"],
                                     *pretraining))

@@ -522,6 +522,14 @@ def explain(p: Problem, zh: bool, wrong_result: int | None = None) -> str:
     return ("" if zh else " ").join(lines)
 
 
+def worked_answer(p: Problem, zh: bool, wrong_result: int | None = None) -> str:
+    """The steps as an answer (or a pretraining document): `explain` after an opener that reasoning never
+    has. Without it, a worked answer and the reasoning before a stated one are the same text, and a
+    model trained for few steps loses track of which it is writing: it ends a worked answer with a
+    stray </think> and then states the result (most of the SFT format failures of a slow run)."""
+    return (f"我们来算 {p.text}。" if zh else f"Let us work out {p.text}. ") + explain(p, zh, wrong_result)
+
+
 ASK_ARITHMETIC_EN = ["What is {p}?", "Compute {p}.", "Please work out {p}.", "How much is {p}?"]
 ASK_ARITHMETIC_ZH = ["{p} 等于多少？", "计算 {p}。", "请算一下 {p}。", "{p} 是多少？"]
 ANSWER_ARITHMETIC_EN = ["{p} = {r}.", "The answer is {r}, because {p} = {r}.", "{p} = {r}. The answer is {r}."]
@@ -665,8 +673,8 @@ def arithmetic_qa(world: World, rng: random.Random, zh: bool, split: str, worked
     # No draw at all when every answer states its result, so that the RL files, which keep the steps as
     # reasoning, stay byte-identical to those written before worked answers existed.
     if worked_share and rng.random() < worked_share:
-        answer, wrong_answer, other_language, reasoning = (explain(p, zh), explain(p, zh, wrong_result=wrong),
-                                                           explain(p, not zh), "")
+        answer, wrong_answer, other_language, reasoning = (worked_answer(p, zh), worked_answer(p, zh, wrong),
+                                                           worked_answer(p, not zh), "")
     return QA(rng.choice(ask).format(p=p.text), answer, str(p.result), wrong_answer, other_language, reasoning)
 
 
@@ -798,7 +806,7 @@ def pretrain_record(world: World, rng: random.Random, split: str) -> dict:
         text = story(world, rng, zh)
     elif kind == "worked":
         p = draw_problem(rng, world.seed, split)
-        text = (f"我们来算 {p.text}。" if zh else f"Let us work out {p.text}. ") + explain(p, zh)
+        text = worked_answer(p, zh)
     elif kind == "drills":
         # The one-step facts that worked solutions are chained from (a ± tens, a ± one digit, the times
         # table, tens × one digit, the sum of the parts), stated bare: a model this small learns them only

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import load_model, save_checkpoint
-from .model import NanoMind
+from .model import LayerDrop, NanoMind
 
 
 class TrainingError(ValueError):
@@ -370,6 +370,8 @@ class TrainSettings:
     schedule: str = "cosine"
     weight_decay: float = 0.1
     optimizer: str = "adamw"
+    layer_drop: float = 0.0  # the chance that a step skips layers (model.LayerDrop)
+    layer_drop_layers: list[int] | None = None  # the layers it skips together; None: each on its own
     grad_clip: float = 1.0
     max_steps: int | None = None
     epochs: float | None = None
@@ -396,6 +398,7 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
     out = Path(s.out)
     torch.manual_seed(s.seed)
     model.to(device)
+    model.layer_drop = _layer_drop(s, model.config.num_hidden_layers)
     if s.fsdp:
         _shard(model, run, s)
     source = stage.batch_source or RowBatches(stage.train_rows,
@@ -424,7 +427,9 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
 
     train_model = model
     if run.enabled and not s.fsdp:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # A step that skips layers leaves their parameters without gradients, which DDP must be told of.
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              find_unused_parameters=model.layer_drop is not None)
     if s.compile:
         train_model = torch.compile(train_model)
     autocast = autocast_context(device, s.precision)
@@ -510,6 +515,26 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
         print(f"saved {out / stage.output_name}")
     run.barrier()
     return metrics
+
+
+def _layer_drop(s: TrainSettings, num_layers: int) -> LayerDrop | None:
+    if not s.layer_drop:
+        if s.layer_drop_layers:
+            raise TrainingError("--layer-drop-layers needs --layer-drop P, the chance that a step drops them")
+        return None
+    if not 0 < s.layer_drop < 1:
+        raise TrainingError(f"--layer-drop {s.layer_drop}: a probability, above 0 and below 1")
+    if s.fsdp:
+        raise TrainingError("--layer-drop does not work with --fsdp: a skipped layer would skip its gather too")
+    layers = s.layer_drop_layers
+    if layers is not None:
+        if bad := [i for i in layers if not 0 <= i < num_layers]:
+            raise TrainingError(f"--layer-drop-layers {','.join(map(str, bad))}: the model has layers "
+                                f"0..{num_layers - 1}")
+        if len(set(layers)) >= num_layers:
+            raise TrainingError("--layer-drop-layers names every layer; keep at least one")
+        layers = tuple(sorted(set(layers)))
+    return LayerDrop(s.layer_drop, layers)
 
 
 def _shard(model: NanoMind, run: Distributed, s: TrainSettings) -> None:
