@@ -508,7 +508,7 @@ STEP_LABELS = {
 
 
 def explain(p: Problem, zh: bool, wrong_result: int | None = None) -> str:
-    """Step-by-step reasoning that ends in the result; every step is a checkable `a op b = c`. With
+    """The steps written out, ending in the result; every step is a checkable `a op b = c`. With
     `wrong_result`, the same steps with a slip in the last one (whose result is always the final one),
     so that they end in that wrong result instead."""
     r = p.result if wrong_result is None else wrong_result
@@ -523,11 +523,24 @@ def explain(p: Problem, zh: bool, wrong_result: int | None = None) -> str:
 
 
 def worked_answer(p: Problem, zh: bool, wrong_result: int | None = None) -> str:
-    """The steps as an answer (or a pretraining document): `explain` after an opener that reasoning never
-    has. Without it, a worked answer and the reasoning before a stated one are the same text, and a
-    model trained for few steps loses track of which it is writing: it ends a worked answer with a
-    stray </think> and then states the result (most of the SFT format failures of a slow run)."""
+    """The steps as an answer (or a pretraining document): `explain` after an opener."""
     return (f"我们来算 {p.text}。" if zh else f"Let us work out {p.text}. ") + explain(p, zh, wrong_result)
+
+
+REASONING_LABELS = {"tens": ("Tens", "十位"), "ones": ("Ones", "个位"), "sum": ("Sum", "相加")}
+
+
+def reasoning_steps(p: Problem, zh: bool) -> str:
+    """The same steps as reasoning (inside <think>), worded tersely. Were they worded as a worked answer
+    is, every sentence would read the same in both, and only the text far back would tell a model
+    whether to end with </think> or with its end of turn: a model trained for few steps ended worked
+    answers with a stray </think> (most of the SFT format failures of slow runs)."""
+    steps = worked_steps(p) or [("fact", p)]
+    label = {**REASONING_LABELS, "fact": ("Fact", "基本运算")}
+    lines = [f"{label[key][zh]}：{s.text} = {s.result}。" if zh else f"{label[key][zh]}: {s.text} = {s.result}."
+             for key, s in steps]
+    lines.append(f"结果：{p.result}。" if zh else f"Result: {p.result}.")
+    return ("" if zh else " ").join(lines)
 
 
 ASK_ARITHMETIC_EN = ["What is {p}?", "Compute {p}.", "Please work out {p}.", "How much is {p}?"]
@@ -669,7 +682,7 @@ def arithmetic_qa(world: World, rng: random.Random, zh: bool, split: str, worked
     other = rng.choice(ANSWER_ARITHMETIC_EN if zh else ANSWER_ARITHMETIC_ZH)
     answer, wrong_answer, other_language, reasoning = (template.format(p=p.text, r=p.result),
                                                        template.format(p=p.text, r=wrong),
-                                                       other.format(p=p.text, r=p.result), explain(p, zh))
+                                                       other.format(p=p.text, r=p.result), reasoning_steps(p, zh))
     # No draw at all when every answer states its result, so that the RL files, which keep the steps as
     # reasoning, stay byte-identical to those written before worked answers existed.
     if worked_share and rng.random() < worked_share:
