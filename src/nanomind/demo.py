@@ -2,7 +2,8 @@
 
   1. data       `nanomind data synth`: the built-in bilingual curriculum        -> DIR/data
   2. tokenizer  `nanomind tokenizer train` on its pretraining and SFT text      -> DIR/tokenizer
-  3. pretrain   `nanomind pretrain` on the curriculum's text                   -> DIR/pretrain/model
+  3. pretrain   `nanomind pretrain` on the curriculum's text, with Muon; a     -> DIR/pretrain/model
+                quarter of the steps skip the layers the student will not have (LayerDrop)
      pretrain-more  then on a larger curriculum's text about the same world   -> DIR/pretrain-more/model
                 (fresh sentences, written by the more-text stage)
   4. sft        `nanomind sft` on its conversations (reasoning, tool calls)     -> DIR/sft/model
