@@ -1,7 +1,6 @@
 """The model against independent implementations: transformers' Qwen3, a naive attention, itself uncached."""
 
 import math
-from collections import Counter
 
 import pytest
 import torch
@@ -282,25 +281,17 @@ def test_parameter_count_is_printed_on_creation(capsys):
     assert "M parameters" in printed and "active" in printed
 
 
-def test_layer_drop_runs_training_steps_without_the_dropped_layers_and_nothing_else():
+def test_a_training_step_skips_the_dropped_layers_and_nothing_else_does():
     from nanomind.checkpoint import keep_layers
-    from nanomind.model import LayerDrop
 
     model = random_model(tiny_config(num_hidden_layers=4))
     ids = torch.randint(0, 320, (2, 12))
     full = model(ids).logits
     without_middle = keep_layers(model, [0, 3])(ids).logits
+    model.skipped_layers = frozenset({1, 2})
     model.train()
-    model.layer_drop = LayerDrop(1.0, (1, 2))  # always, for the test
     assert torch.allclose(model(ids).logits, without_middle, atol=1e-5)
-    with torch.no_grad():  # generation, RL rollouts included, uses every layer
+    with torch.no_grad():  # evaluation and generation, RL rollouts included, run every layer
         assert torch.allclose(model(ids).logits, full, atol=1e-5)
-    model.layer_drop = LayerDrop(0.5, (1, 2))
-    outcomes = [torch.allclose(model(ids).logits, without_middle, atol=1e-5) for _ in range(40)]
-    assert 8 < sum(outcomes) < 32  # about half the steps drop both
-    model.layer_drop = LayerDrop(0.5)  # each layer on its own: 16 subsets, each in about 1 of 16 steps
-    torch.manual_seed(0)
-    kept = Counter(tuple(i for i in range(4) if i not in model.layer_drop.skipped(4)) for _ in range(1600))
-    assert len(kept) == 16 and all(60 < n < 140 for n in kept.values())
     model.eval()
     assert torch.allclose(model(ids).logits, full, atol=1e-5)

@@ -160,6 +160,9 @@ def test_two_gloo_processes_match_one_process_with_twice_the_batch(prepared, tmp
                          capture_output=True, text=True, timeout=600, env=ONE_THREAD)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert np.allclose(losses(tmp_path / "one"), losses(tmp_path / "two"), atol=1e-5, rtol=0)
+    if "layer drop" in sharding:  # some of the steps did skip layer 1, and others not
+        skipped = [json.loads(line)["layers_skipped"] for line in open(tmp_path / "two" / "metrics.jsonl")]
+        assert 0 < sum(skipped) < len(skipped)
     one, two = (load_model(tmp_path / name / "model") for name in ("one", "two"))
     for a, b in zip(one.parameters(), two.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
@@ -399,3 +402,38 @@ def test_compiled_training_matches_eager_and_saves_a_plain_checkpoint(prepared, 
     assert list(eager) == list(compiled)  # no torch.compile prefixes in the saved names
     # Adam turns float-noise gradients near 0 into steps of up to lr, so weights agree to that scale.
     assert all(torch.allclose(eager[k], compiled[k], atol=1e-2) for k in eager)
+
+
+def test_layer_drop_draws_depend_on_seed_and_step_only():
+    from nanomind.trainer import LayerDrop
+
+    together, alone = LayerDrop(0.25, 4, (1, 2)), LayerDrop(0.5, 4)
+    draws = [together.draw(0, step) for step in range(800)]
+    assert set(draws) == {frozenset(), frozenset({1, 2})} and 150 < draws.count(frozenset({1, 2})) < 250
+    assert draws == [together.draw(0, step) for step in range(800)]  # a resumed run draws the same
+    assert draws != [together.draw(1, step) for step in range(800)]
+    patterns = Counter(alone.draw(0, step) for step in range(1600))  # each of the 16 subsets, 1 step in 16
+    assert len(patterns) == 16 and all(60 < n < 140 for n in patterns.values())
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(layer_drop=1.0), "a probability"),
+    (dict(layer_drop_layers=[1]), "needs --layer-drop P"),
+    (dict(layer_drop=0.2, layer_drop_layers=[2]), "the model has layers 0..1"),
+    (dict(layer_drop=0.2, layer_drop_layers=[0, 1]), "keep at least one"),
+    (dict(layer_drop=0.2, compile=True), "leave out --compile"),
+])
+def test_bad_layer_drop_settings_stop_before_training(prepared, tmp_path, settings, message):
+    from conftest import tiny_config
+    from nanomind.model import NanoMind
+
+    tokenizer = Tokenizer.load(prepared / "tok")
+    manifest = json.loads((prepared / "data" / "manifest.json").read_text())
+    rows = open_rows(prepared / "data", "train", manifest, tokenizer.pad_id)
+    model = NanoMind(tiny_config(vocab_size=tokenizer.vocab_size), verbose=False)
+    with pytest.raises(TrainingError, match=message):
+        train(Stage("pretrain", rows, None, token_loss), model, tokenizer,
+              TrainSettings(out=tmp_path / "run", max_steps=1, **settings), Distributed(), torch.device("cpu"))
+    with pytest.raises(TrainingError, match="dpo compares the model"):
+        train(Stage("dpo", rows, None, token_loss), model, tokenizer,
+              TrainSettings(out=tmp_path / "run", max_steps=1, layer_drop=0.2), Distributed(), torch.device("cpu"))

@@ -37,8 +37,7 @@ from .report import (ARITHMETIC_REPLY_TOKENS, TOOL_REPLY_TOKENS, evaluate_stages
 
 SIZES = {
     # curriculum, the larger one whose pretraining text is read too (the same world, fresh sentences),
-    # tokenizer vocabulary, model preset and flags, the teacher's layers the student keeps (and the
-    # others, which pretraining learns to do without), how many
+    # tokenizer vocabulary, model preset and flags, the teacher's layers the student keeps, how many
     # prompts the teacher answers for it, seconds per training stage, the batch sizes of pretraining and
     # of the chat stages (SFT, LoRA, distillation), held-out items per evaluation,
     # and where set, the whole run's deadline in seconds with what it keeps for the work that has no
@@ -49,19 +48,19 @@ SIZES = {
     # the 181 steps a slow machine trains in 60 s it closed 45% of the gap to the teacher, at 240 64%.
     "test": dict(curriculum="tiny", more_text="small", vocab=600, preset="tiny",
                  model=["--hidden-size", "64", "--num-layers", "2", "--intermediate-size", "192", "--head-dim", "16"],
-                 student_layers="0", student_drops="1", prompts=40,
+                 student_layers="0", prompts=40,
                  seconds=dict(pretrain=4, pretrain_more=4, sft=6, lora=3, dpo=3, distill=3, student=6, grpo=4, agent=4),
                  batch=dict(pretrain=4, chat=2), eval_limit=8,
                  deadline=None),
     "tiny": dict(curriculum="small", more_text="medium", vocab=2048, preset="tiny", model=[],
-                 student_layers="0,3", student_drops="1,2", prompts=2400,
+                 student_layers="0,3", prompts=2400,
                  seconds=dict(pretrain=225, pretrain_more=225, sft=200, lora=30, dpo=30, distill=80, student=60, grpo=130,
                               agent=120), batch=dict(pretrain=4, chat=2), eval_limit=200,
                  deadline=1170, reserve=dict(teacher_answers=90, eval_and_report=120, per_stage=6, tokens_per_s=6800)),
     # MiniMind2-small's 26M model on the larger curriculum: about an hour on a 2-core CPU; on a GPU the
     # same time budgets train many more steps.
     "small": dict(curriculum="medium", more_text=None, vocab=6400, preset="small", model=[],
-                  student_layers="0,1,6,7", student_drops="2,3,4,5", prompts=2400,
+                  student_layers="0,1,6,7", prompts=2400,
                   seconds=dict(pretrain=1200, sft=600, lora=150, dpo=240, distill=300, student=600, grpo=420,
                                agent=420),
                   batch=dict(pretrain=16, chat=8), eval_limit=400, deadline=None),
@@ -107,18 +106,18 @@ AGENT_SETTINGS = ["--num-generations", "4", "--max-turns", "3", "--max-new-token
                   "--max-prompt-len", "1024", "--max-total-len", "1536", "--lr", "1e-4", "--beta", "0"]
 
 
-def pretrain_flags(batch_size: int, dropped_layers: str | None) -> list[str]:
+def pretrain_flags(batch_size: int, drop: str | None, optimizer: str = "muon") -> list[str]:
     """How the demo pretrains (both passes), as benchmarks/bench_optimizer.py runs it too.
 
     With Muon, which learns much faster per second than AdamW here: on a slow machine that is what
     leaves the model able to carry out the steps of a sum, which GRPO then rewards. A Muon-trained model
     loses much more than an AdamW-trained one when layers are cut out, though, and the distillation
-    student is the SFT model without `dropped_layers`; so in the first pass a quarter of the steps train
-    without them (LayerDrop), and the model learns to work with and without them (the README's demo
-    section has the runs)."""
+    student is the SFT model without the layers `drop` names; so where the demo passes `drop` (its first
+    pass) a quarter of the steps train without them (LayerDrop), and the model learns to work with and
+    without them (the README's demo section has the runs)."""
     flags = ["--seq-len", "256", "--batch-size", str(batch_size), "--lr", "3e-3", "--warmup-steps", "20",
-             "--optimizer", "muon"]
-    return flags + (["--layer-drop", "0.25", "--layer-drop-layers", dropped_layers] if dropped_layers else [])
+             "--optimizer", optimizer]
+    return flags + (["--layer-drop", "0.25", "--layer-drop-layers", drop] if drop else [])
 
 
 def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str = "cpu") -> Path:
@@ -155,7 +154,7 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
     # 0.63 at batch 8, 0.29 at 2). The 26M `small` model keeps larger ones, which a GPU needs to be busy.
     batch = plan["batch"]
     # LayerDrop in the first pass only: in the second too, the model lost much of its carrying (47 + 38)
-    pretraining = pretrain_flags(batch["pretrain"], plan["student_drops"])
+    pretraining = pretrain_flags(batch["pretrain"], dropped_layers(plan))
     stage(out, "pretrain", training("pretrain", "pretrain", "--data", str(data / "pretrain.jsonl"),
                                     "--tokenizer", str(tokenizer), "--preset", plan["preset"], *plan["model"],
                                     *pretraining))
@@ -222,6 +221,17 @@ def run_demo(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str
           f"  nanomind serve --model {final}    # then open http://127.0.0.1:8998\n"
           f"  nanomind generate --model {final} --chat --prompt 'What is 12 plus 7?'")
     return final
+
+
+def dropped_layers(plan: dict) -> str:
+    """The layers the distillation student will not have, which pretraining learns to do without."""
+    from .model import PRESETS
+
+    flags = plan["model"]
+    layers = int(flags[flags.index("--num-layers") + 1]) if "--num-layers" in flags else \
+        PRESETS[plan["preset"]]["num_hidden_layers"]
+    kept = {int(i) for i in plan["student_layers"].split(",")}
+    return ",".join(str(i) for i in range(layers) if i not in kept)
 
 
 def slowness(pretrain: Path, reference_tokens_per_s: float) -> float:

@@ -463,24 +463,6 @@ class Backbone(nn.Module):
 
 
 @dataclass
-class LayerDrop:
-    """Training steps that skip decoder layers (LayerDrop, Fan et al. 2019), so that the model keeps
-    working with those layers removed (`nanomind convert --keep-layers`): each step draws, with
-    probability `probability`, to drop `layers` together, or with no `layers` each layer on its own.
-
-    Draws come from torch's global generator: every DDP rank, seeded alike, skips the same layers, and
-    a resumed run restores the generator with the rest of its state."""
-
-    probability: float
-    layers: tuple[int, ...] | None = None
-
-    def skipped(self, num_layers: int) -> set[int]:
-        if self.layers is None:
-            return {i for i in range(num_layers) if torch.rand(()).item() < self.probability}
-        return set(self.layers) if torch.rand(()).item() < self.probability else set()
-
-
-@dataclass
 class ModelOutput:
     logits: torch.Tensor | None  # (B, T, V), (B, 1, V) with last_logits_only; None when targets are given
     loss: torch.Tensor | None = None  # mean next-token cross-entropy over targets != -100
@@ -495,7 +477,8 @@ class NanoMind(nn.Module):
         self.model = Backbone(config)
         self.rotary = RotaryEmbedding(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
-        self.layer_drop: LayerDrop | None = None  # set by the trainer for a run with --layer-drop
+        # Layers that a training step skips (LayerDrop): the trainer draws them anew for every step.
+        self.skipped_layers: frozenset[int] = frozenset()
         self.apply(self._init_weights)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -566,9 +549,8 @@ class NanoMind(nn.Module):
 
         x = self.model.embed_tokens(input_ids)
         balance_losses = []
-        # Only in a training step: generation (RL rollouts too) runs under no_grad with every layer.
-        dropping = self.layer_drop is not None and self.training and torch.is_grad_enabled()
-        skipped = self.layer_drop.skipped(len(self.model.layers)) if dropping else ()
+        # Only in a training step: evaluation and generation (RL rollouts too) run every layer.
+        skipped = self.skipped_layers if self.training and torch.is_grad_enabled() else ()
         for i, block in enumerate(self.model.layers):
             if i in skipped:
                 continue

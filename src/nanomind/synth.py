@@ -527,7 +527,8 @@ def worked_answer(p: Problem, zh: bool, wrong_result: int | None = None) -> str:
     return (f"我们来算 {p.text}。" if zh else f"Let us work out {p.text}. ") + explain(p, zh, wrong_result)
 
 
-REASONING_LABELS = {"tens": ("Tens", "十位"), "ones": ("Ones", "个位"), "sum": ("Sum", "相加")}
+REASONING_LABELS = {"tens": ("Tens", "十位"), "ones": ("Ones", "个位"), "sum": ("Sum", "相加"),
+                    "fact": ("Fact", "基本运算")}
 
 
 def reasoning_steps(p: Problem, zh: bool) -> str:
@@ -536,8 +537,8 @@ def reasoning_steps(p: Problem, zh: bool) -> str:
     whether to end with </think> or with its end of turn: a model trained for few steps ended worked
     answers with a stray </think> (most of the SFT format failures of slow runs)."""
     steps = worked_steps(p) or [("fact", p)]
-    label = {**REASONING_LABELS, "fact": ("Fact", "基本运算")}
-    lines = [f"{label[key][zh]}：{s.text} = {s.result}。" if zh else f"{label[key][zh]}: {s.text} = {s.result}."
+    lines = [f"{REASONING_LABELS[key][zh]}：{s.text} = {s.result}。" if zh else
+             f"{REASONING_LABELS[key][zh]}: {s.text} = {s.result}."
              for key, s in steps]
     lines.append(f"结果：{p.result}。" if zh else f"Result: {p.result}.")
     return ("" if zh else " ").join(lines)
@@ -683,8 +684,8 @@ def arithmetic_qa(world: World, rng: random.Random, zh: bool, split: str, worked
     answer, wrong_answer, other_language, reasoning = (template.format(p=p.text, r=p.result),
                                                        template.format(p=p.text, r=wrong),
                                                        other.format(p=p.text, r=p.result), reasoning_steps(p, zh))
-    # No draw at all when every answer states its result, so that the RL files, which keep the steps as
-    # reasoning, stay byte-identical to those written before worked answers existed.
+    # No draw at all when every answer states its result, so that the RL files, whose questions come
+    # from the same draws, stay byte-identical to those written before worked answers existed.
     if worked_share and rng.random() < worked_share:
         answer, wrong_answer, other_language, reasoning = (worked_answer(p, zh), worked_answer(p, zh, wrong),
                                                            worked_answer(p, not zh), "")

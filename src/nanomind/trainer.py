@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import load_model, save_checkpoint
-from .model import LayerDrop, NanoMind
+from .model import NanoMind
 
 
 class TrainingError(ValueError):
@@ -370,7 +370,7 @@ class TrainSettings:
     schedule: str = "cosine"
     weight_decay: float = 0.1
     optimizer: str = "adamw"
-    layer_drop: float = 0.0  # the chance that a step skips layers (model.LayerDrop)
+    layer_drop: float = 0.0  # the chance that a step skips layers (LayerDrop)
     layer_drop_layers: list[int] | None = None  # the layers it skips together; None: each on its own
     grad_clip: float = 1.0
     max_steps: int | None = None
@@ -398,7 +398,7 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
     out = Path(s.out)
     torch.manual_seed(s.seed)
     model.to(device)
-    model.layer_drop = _layer_drop(s, model.config.num_hidden_layers)
+    layer_drop = _layer_drop(s, stage, model.config.num_hidden_layers)
     if s.fsdp:
         _shard(model, run, s)
     source = stage.batch_source or RowBatches(stage.train_rows,
@@ -429,7 +429,7 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
     if run.enabled and not s.fsdp:
         # A step that skips layers leaves their parameters without gradients, which DDP must be told of.
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                              find_unused_parameters=model.layer_drop is not None)
+                                              find_unused_parameters=layer_drop is not None)
     if s.compile:
         train_model = torch.compile(train_model)
     autocast = autocast_context(device, s.precision)
@@ -460,6 +460,9 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
         global_units = global_units.clamp(min=1)
         loss_total = torch.zeros((), device=device)
         extra: dict[str, torch.Tensor] = {}
+        if layer_drop is not None:
+            model.skipped_layers = layer_drop.draw(s.seed, step)
+            extra["layers_skipped"] = torch.tensor(float(len(model.skipped_layers)), device=device)
         train_model.train()
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1 or not run.enabled
@@ -506,6 +509,7 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
                                       run, s.keep_last, config_record, s.fsdp)
         if last_step:
             break
+    model.skipped_layers = frozenset()  # what train() hands back runs every layer
     progress.close()
     if sinks is not None:
         sinks.close()
@@ -517,15 +521,46 @@ def train(stage: Stage, model: NanoMind, tokenizer, settings: TrainSettings, run
     return metrics
 
 
-def _layer_drop(s: TrainSettings, num_layers: int) -> LayerDrop | None:
+@dataclass
+class LayerDrop:
+    """Training steps that skip decoder layers (LayerDrop, Fan et al. 2019), so that the model keeps
+    working with those layers removed (`nanomind convert --keep-layers`): each optimizer step skips,
+    with chance `probability`, `layers` together, or with no `layers` each layer on its own.
+
+    A step's draw depends on the seed and the step alone: every DDP rank skips the same layers, and a
+    resumed run skips what the uninterrupted one would have."""
+
+    probability: float
+    num_layers: int
+    layers: tuple[int, ...] | None = None
+
+    def draw(self, seed: int, step: int) -> frozenset[int]:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        chances = torch.rand(self.num_layers if self.layers is None else 1, generator=generator).tolist()
+        if self.layers is None:
+            return frozenset(i for i, chance in enumerate(chances) if chance < self.probability)
+        return frozenset(self.layers) if chances[0] < self.probability else frozenset()
+
+
+# Stages whose loss compares the trained model with itself or a reference run with every layer (DPO's
+# margins, RL's probability ratios): skipped layers there would bias the comparison.
+LAYER_DROP_STAGES = ("pretrain", "sft", "distill", "lora")
+
+
+def _layer_drop(s: TrainSettings, stage: Stage, num_layers: int) -> LayerDrop | None:
     if not s.layer_drop:
         if s.layer_drop_layers:
             raise TrainingError("--layer-drop-layers needs --layer-drop P, the chance that a step drops them")
         return None
     if not 0 < s.layer_drop < 1:
         raise TrainingError(f"--layer-drop {s.layer_drop}: a probability, above 0 and below 1")
-    if s.fsdp:
-        raise TrainingError("--layer-drop does not work with --fsdp: a skipped layer would skip its gather too")
+    if stage.name not in LAYER_DROP_STAGES:
+        raise TrainingError(f"--layer-drop is for {', '.join(LAYER_DROP_STAGES)}: {stage.name} compares the model "
+                            "with a run that has every layer; train without it")
+    if s.fsdp or s.compile:
+        raise TrainingError("--layer-drop works with plain and DDP training only: leave out "
+                            f"{'--fsdp' if s.fsdp else '--compile'} (each skip pattern would be a new graph "
+                            "to compile, or to shard)")
     layers = s.layer_drop_layers
     if layers is not None:
         if bad := [i for i in layers if not 0 <= i < num_layers]:
@@ -534,7 +569,7 @@ def _layer_drop(s: TrainSettings, num_layers: int) -> LayerDrop | None:
         if len(set(layers)) >= num_layers:
             raise TrainingError("--layer-drop-layers names every layer; keep at least one")
         layers = tuple(sorted(set(layers)))
-    return LayerDrop(s.layer_drop, layers)
+    return LayerDrop(s.layer_drop, num_layers, layers)
 
 
 def _shard(model: NanoMind, run: Distributed, s: TrainSettings) -> None:
