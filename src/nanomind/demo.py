@@ -42,8 +42,9 @@ SIZES = {
     # of the chat stages (SFT, LoRA, distillation), held-out items per evaluation,
     # and where set, the whole run's deadline in seconds with what it keeps for the work that has no
     # time budget (the teacher's answers, evaluation and the report, each stage's start and saves; as
-    # measured on the slowest 2-core machine so far, whose pretraining read 6,800 tokens/s: once
-    # pretraining has shown how fast this machine is, the first two are scaled by it). The stages share
+    # measured on the slowest 2-core machine so far, whose pretraining read 6,800 tokens/s with AdamW: once
+    # pretraining has shown how fast this machine is, the first two are scaled by it; Muon's steps cost
+    # more, so the demo's pretraining reads fewer tokens/s and the reserve errs on the safe side). The stages share
     # what the deadline leaves in proportion to their seconds (scaled_budget). Distillation has 80 s: at
     # the 181 steps a slow machine trains in 60 s it closed 45% of the gap to the teacher, at 240 64%.
     "test": dict(curriculum="tiny", more_text="small", vocab=600, preset="tiny",
